@@ -1,0 +1,68 @@
+"""Device backends: what differs between CPU, CUDA and NPU when tensors move into a flat buffer.
+
+A backend answers three questions for its device type:
+
+* how many elements a tensor occupies in a flat buffer (NPU private formats can
+  need more storage than ``numel``);
+* the alignment, in bytes, of every tensor's offset in the flat buffer;
+* how to re-point a tensor at its slice of a flat buffer, keeping its identity.
+
+Backends for ``cpu`` and ``cuda`` live here; the ``npu`` backend is imported on
+first use only, so importing fused_core never imports torch_npu.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Device-specific layout rules. Subclass and override for devices with special storage."""
+
+    device_type: str
+    alignment_bytes: int = 1
+
+    def storage_numel(self, tensor: torch.Tensor) -> int:
+        """Elements ``tensor`` needs in a flat buffer."""
+        return tensor.numel()
+
+    def alignment_elements(self, dtype: torch.dtype) -> int:
+        """Offsets in a flat buffer of ``dtype`` are multiples of this."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return max(1, -(-self.alignment_bytes // itemsize))
+
+    def bind(self, tensor: torch.Tensor, flat: torch.Tensor, offset: int, stride: tuple[int, ...]) -> None:
+        """Re-point ``tensor`` (same object) at ``flat``'s storage from element ``offset``."""
+        with torch.no_grad():
+            tensor.set_(flat.untyped_storage(), flat.storage_offset() + offset, tensor.shape, stride)
+
+
+_BUILTIN = {
+    "cpu": Backend("cpu"),
+    # 16-byte offsets keep every slice eligible for CUDA's vectorised loads.
+    "cuda": Backend("cuda", alignment_bytes=16),
+}
+_LAZY = {"npu": "fused_core.backends.npu"}
+_loaded: dict[str, Backend] = dict(_BUILTIN)
+
+KNOWN_DEVICE_TYPES = frozenset(_BUILTIN) | frozenset(_LAZY)
+"""Device types fused-core can lay out; kernels may be registered for these and ``"*"``."""
+
+
+def get_backend(device: torch.device | str) -> Backend:
+    """The backend of ``device``'s type, importing lazy backends (npu) on first use."""
+    device_type = torch.device(device).type
+    if device_type not in _loaded:
+        if device_type not in _LAZY:
+            raise InvalidParameterError(
+                f"device type '{device_type}' has no fused-optim backend "
+                f"(supported: {', '.join(sorted(KNOWN_DEVICE_TYPES))})"
+            )
+        _loaded[device_type] = importlib.import_module(_LAZY[device_type]).BACKEND
+    return _loaded[device_type]

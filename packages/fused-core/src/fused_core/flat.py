@@ -1,0 +1,75 @@
+"""Flat buffers: one contiguous buffer each for a bucket's parameters, gradients
+and every per-parameter state buffer, all with the same layout.
+
+Binding re-points a tensor at its slice: a parameter keeps its identity
+(``id(p)``), shape, strides, values and ``requires_grad``; only its storage moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .backends import get_backend
+from .buckets import BucketPlan, Slot
+
+
+def storage_use_count(tensor: torch.Tensor) -> int:
+    """How many tensors (and storage objects) share ``tensor``'s storage: an O(1) signal
+    that some tensor was re-pointed away from (or at) a flat buffer."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+class FlatBucket:
+    """The flat param, grad and state buffers of one (device, dtype) bucket."""
+
+    def __init__(self, plan: BucketPlan, state_names: Iterable[str]) -> None:
+        self.plan = plan
+        self.backend = get_backend(plan.device)
+        make = lambda: torch.zeros(plan.numel, dtype=plan.dtype, device=plan.device)  # noqa: E731
+        self.params = make()
+        self.grads = make()
+        self.state = {name: make() for name in state_names}
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.params, self.grads, *self.state.values()]
+
+    def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """``slot``'s region of ``flat``, shaped and strided like the parameter."""
+        return flat.as_strided(slot.shape, slot.stride, flat.storage_offset() + slot.offset)
+
+    @staticmethod
+    def holds(flat: torch.Tensor, slot: Slot, tensor: torch.Tensor | None) -> bool:
+        """Whether ``tensor`` already is ``slot``'s region of ``flat``."""
+        return (
+            tensor is not None
+            and tensor.data_ptr() == flat.data_ptr() + slot.offset * flat.element_size()
+            and tensor.dtype == flat.dtype
+            and tensor.device == flat.device
+            and tensor.shape == slot.shape
+            and tuple(tensor.stride()) == slot.stride
+        )
+
+    def bind_param(self, slot: Slot) -> None:
+        """Copy the parameter's values into its slot and re-point the parameter there."""
+        param = slot.param
+        with torch.no_grad():
+            self.view(self.params, slot).copy_(param)
+        self.backend.bind(param, self.params, slot.offset, slot.stride)
+
+    def bind_grad(self, slot: Slot, grad: torch.Tensor) -> None:
+        """Copy ``grad`` into the slot's gradient region and make that region ``param.grad``."""
+        view = self.view(self.grads, slot)
+        with torch.no_grad():
+            view.copy_(grad)
+        slot.param.grad = view
+
+    def bind_state(self, name: str, slot: Slot, value: torch.Tensor | None) -> torch.Tensor:
+        """The slot's region of state buffer ``name``, filled from ``value`` when given."""
+        view = self.view(self.state[name], slot)
+        if value is not None:
+            with torch.no_grad():
+                view.copy_(value)
+        return view

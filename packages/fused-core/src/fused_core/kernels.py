@@ -1,0 +1,116 @@
+"""Kernel launch registry: (kernel name, device type, dtype) -> launcher.
+
+A *launcher* applies one optimizer update to flat, 1-D, contiguous slices::
+
+    launcher(params, grads, state, hyperparams, first_step) -> None
+
+``params`` and ``grads`` are slices of a bucket's flat buffers, ``state`` maps
+each state-buffer name to its slice, ``hyperparams`` is the param group dict
+(read every step, so schedulers are honoured) and ``first_step`` is True when
+the state buffers of this slice have not been initialised yet.
+
+Resolution order for a tensor on ``device`` with ``dtype`` (first match wins;
+within one level the most recent registration wins):
+
+1. registered for ``device.type`` and a dtype set containing ``dtype``
+   (or a predicate that accepts ``(device, dtype)``);
+2. registered for ``device.type`` with ``dtypes=None`` (any dtype);
+3. registered for ``"*"`` (any device) and a matching dtype set or predicate;
+4. registered for ``"*"`` with ``dtypes=None``.
+
+Predicates let a plugin verify a candidate (a native fused op, say) on the
+torch version and device at hand before routing a dtype to it. They are
+called at most once per (kernel, device, dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from .backends import KNOWN_DEVICE_TYPES
+from .errors import PluginError
+
+ANY_DEVICE = "*"
+
+
+class Launcher(Protocol):
+    def __call__(
+        self,
+        params: torch.Tensor,
+        grads: torch.Tensor,
+        state: Mapping[str, torch.Tensor],
+        hyperparams: Mapping[str, Any],
+        first_step: bool,
+    ) -> None: ...
+
+
+DtypeFilter = Collection[torch.dtype] | Callable[[torch.device, torch.dtype], bool] | None
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    kernel: str
+    device_type: str
+    launcher: Launcher
+    dtypes: DtypeFilter
+    plugin: str
+
+    def accepts(self, device: torch.device, dtype: torch.dtype) -> bool | None:
+        """True/False for an explicit dtype filter, None for 'any dtype'."""
+        if self.dtypes is None:
+            return None
+        if callable(self.dtypes):
+            return bool(self.dtypes(device, dtype))
+        return dtype in self.dtypes
+
+
+class KernelRegistry:
+    def __init__(self) -> None:
+        self._entries: list[KernelEntry] = []
+        self._resolved: dict[tuple[str, torch.device, torch.dtype], KernelEntry] = {}
+
+    def register(
+        self,
+        kernel: str,
+        device_type: str,
+        launcher: Launcher,
+        dtypes: DtypeFilter = None,
+        *,
+        plugin: str = "<direct>",
+    ) -> None:
+        if device_type != ANY_DEVICE and device_type not in KNOWN_DEVICE_TYPES:
+            raise PluginError(
+                f"plugin '{plugin}' registered kernel '{kernel}' for unknown device type "
+                f"'{device_type}' (known: {', '.join(sorted(KNOWN_DEVICE_TYPES))}, or '*')"
+            )
+        if not callable(launcher):
+            raise PluginError(f"plugin '{plugin}' registered kernel '{kernel}' with a launcher that is not callable")
+        self._entries.append(KernelEntry(kernel, device_type, launcher, dtypes, plugin))
+        self._resolved.clear()
+
+    def entry(self, kernel: str, device: torch.device, dtype: torch.dtype) -> KernelEntry:
+        """The entry serving (kernel, device, dtype), by the resolution order above."""
+        key = (kernel, device, dtype)
+        if key not in self._resolved:
+            self._resolved[key] = self._find(kernel, device, dtype)
+        return self._resolved[key]
+
+    def resolve(self, kernel: str, device: torch.device, dtype: torch.dtype) -> Launcher:
+        return self.entry(kernel, device, dtype).launcher
+
+    def _find(self, kernel: str, device: torch.device, dtype: torch.dtype) -> KernelEntry:
+        candidates = [entry for entry in reversed(self._entries) if entry.kernel == kernel]
+        for device_type in (device.type, ANY_DEVICE):
+            verdicts = [(entry, entry.accepts(device, dtype)) for entry in candidates if entry.device_type == device_type]
+            for wanted in (True, None):
+                for entry, verdict in verdicts:
+                    if verdict is wanted:
+                        return entry
+        registered = sorted({(entry.device_type, entry.plugin) for entry in candidates})
+        raise LookupError(
+            f"no launcher for kernel '{kernel}' on {device} with {dtype}; registered: {registered or 'none'}"
+        )

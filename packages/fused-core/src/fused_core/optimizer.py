@@ -1,0 +1,155 @@
+"""FusedOptimizer: the ``torch.optim.Optimizer`` subclass every plugin builds on.
+
+A plugin subclass declares four class attributes and, usually, a constructor
+with its public signature::
+
+    class FusedSGD(FusedOptimizer):
+        name = "sgd"                       # the registry name
+        hyperparameters = SGDHyperparams   # pydantic model checking each param group
+        kernel = "sgd"                     # kernel name in the launch registry
+        state_names = ("momentum_buffer",) # per-parameter state, laid out like the params
+        plugin = "fused_sgd.plugin"        # module whose hooks register the kernels
+
+Everything else (bucketing, flat buffers, re-allocation detection, kernel
+dispatch) lives here and in the modules it uses. On the first ``step()`` the
+parameters move into flat buffers; after that a step is the staleness check
+plus one launcher call per (bucket, param group), with no per-parameter work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+from torch.optim.optimizer import required
+
+from .backends import get_backend
+from .errors import InvalidParameterError
+from .hyperparams import validate_group
+from .layout import Layout
+from .plugins import registry
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    name: ClassVar[str]
+    hyperparameters: ClassVar[type[BaseModel]]
+    kernel: ClassVar[str]
+    state_names: ClassVar[tuple[str, ...]] = ()
+    plugin: ClassVar[str | None] = None
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if self.plugin is not None:
+            registry.register_plugin(self.plugin)
+        self._layout: Layout | None = None
+        self._reconcile_needed = False
+        validate_group(
+            self.hyperparameters,
+            {key: value for key, value in defaults.items() if value is not required},
+            where=f"{type(self).__name__} defaults",
+            partial=True,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_layout", None)
+        self.__dict__.setdefault("_reconcile_needed", True)
+
+    # ----- what plugins may override -------------------------------------
+    def initializes_state(self, group: dict[str, Any]) -> bool:
+        """Whether a first step with these hyperparameters initialises the state buffers
+        (SGD: only when momentum != 0, as torch.optim.SGD)."""
+        return True
+
+    # ----- param groups ---------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, with hyperparameters and parameters validated first."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        index = len(self.param_groups)
+        where = f"{type(self).__name__} param group {index}"
+        merged = {key: value for key, value in self.defaults.items() if value is not required}
+        merged.update({key: value for key, value in param_group.items() if key != "params"})
+        validate_group(self.hyperparameters, merged, where=where)
+        super().add_param_group(param_group)
+        try:
+            for position, param in enumerate(self.param_groups[-1]["params"]):
+                self._check_param(param, f"{where}, parameter {position}")
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._layout = None
+
+    @staticmethod
+    def _check_param(param: torch.Tensor, where: str) -> None:
+        if not param.is_floating_point():
+            raise InvalidParameterError(f"{where}: dtype {param.dtype} is not a real floating-point dtype")
+        if param.is_meta:
+            raise InvalidParameterError(f"{where}: is on the meta device, which holds no data to optimize")
+        if param.is_sparse:
+            raise InvalidParameterError(f"{where}: sparse parameters cannot live in a flat buffer")
+        try:
+            get_backend(param.device)
+        except InvalidParameterError as error:
+            raise InvalidParameterError(f"{where}: {error}") from None
+
+    # ----- the step ---------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layout = self._current_layout()
+        groups = self.param_groups
+        started: list[Any] = []
+        for run in layout.runs:
+            group = groups[run.group]
+            run.launcher(run.params, run.grads, run.state, group, run.first_step)
+            if run.first_step and self.state_names and self.initializes_state(group):
+                started.append(run)
+        if started:
+            for run in started:
+                layout.initialize_state(run, self.state)
+            layout.refresh(self.state)
+        return loss
+
+    def _current_layout(self) -> Layout:
+        layout = self._layout
+        if layout is not None and not self._reconcile_needed and layout.is_current():
+            return layout
+        if layout is None or not layout.reconcile(self.state):
+            layout = Layout(
+                self.param_groups,
+                self.state,
+                kernel=self.kernel,
+                state_names=self.state_names,
+                registry=registry.kernels,
+            )
+            self._layout = layout
+        self._reconcile_needed = False
+        return layout
+
+    # ----- around the step ------------------------------------------------
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients. Unlike torch (``set_to_none=True``), the default keeps them:
+        one fill per bucket, and the flat gradient buffers stay bound, so the next step
+        needs no re-adoption. ``set_to_none=True`` behaves exactly as in torch."""
+        layout = self._layout
+        if not set_to_none and layout is not None and not self._reconcile_needed and layout.is_current():
+            for bucket in layout.buckets:
+                bucket.grads.zero_()
+            return
+        super().zero_grad(set_to_none=set_to_none)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, after validating the saved hyperparameters; the loaded
+        state is copied into the flat buffers at the next step."""
+        for index, group in enumerate(state_dict.get("param_groups", [])):
+            saved = {key: value for key, value in group.items() if key != "params"}
+            validate_group(self.hyperparameters, saved, where=f"state_dict param group {index}", partial=True)
+        super().load_state_dict(state_dict)
+        self._reconcile_needed = True

@@ -1,0 +1,110 @@
+"""The plugin manager, entry-point discovery and the optimizer registry.
+
+Plugins are discovered from the entry-point group ``fused_optim`` the first time
+the registry is consulted, unless ``FUSED_OPTIM_DISABLE_PLUGIN_AUTOLOAD`` is set
+to a non-empty value (as with pytest's variable); :func:`register_plugin` then
+adds plugins explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownOptimizerError
+from .kernels import KernelRegistry
+
+if TYPE_CHECKING:
+    from .optimizer import FusedOptimizer
+
+ENTRY_POINT_GROUP = "fused_optim"
+DISABLE_AUTOLOAD_ENV = "FUSED_OPTIM_DISABLE_PLUGIN_AUTOLOAD"
+_HOOKS = ("register_optimizers", "register_kernels")
+
+
+class PluginRegistry:
+    """Plugins and what they registered: optimizer classes by name, and kernels."""
+
+    def __init__(self) -> None:
+        self.manager = pluggy.PluginManager("fused_optim")
+        self.manager.add_hookspecs(hookspecs)
+        self.kernels = KernelRegistry()
+        self._optimizers: dict[str, tuple[type[FusedOptimizer], str]] = {}
+        self._collected: set[tuple[str, str]] = set()
+        self._autoloaded = False
+
+    def optimizers(self) -> dict[str, type[FusedOptimizer]]:
+        self._autoload()
+        return {name: cls for name, (cls, _) in self._optimizers.items()}
+
+    def register_plugin(self, plugin: object, name: str | None = None) -> str:
+        """Register ``plugin`` (a module or object with hookimpls) and collect its registrations."""
+        if isinstance(plugin, str):
+            plugin = importlib.import_module(plugin)
+        if self.manager.is_registered(plugin):
+            return self.manager.get_name(plugin)
+        registered = self.manager.register(plugin, name)
+        if registered is None:
+            raise PluginError(f"plugin '{name}' is blocked")
+        self._collect()
+        return registered
+
+    def _autoload(self) -> None:
+        if self._autoloaded:
+            return
+        self._autoloaded = True
+        if not os.environ.get(DISABLE_AUTOLOAD_ENV):
+            self.manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            self._collect()
+
+    def _collect(self) -> None:
+        """Call the registration hooks of every plugin not collected yet, telling each which plugin calls."""
+        adders = {"register_optimizers": self._add_optimizer, "register_kernels": self._add_kernel}
+        for hook_name in _HOOKS:
+            for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
+                if (impl.plugin_name, hook_name) not in self._collected:
+                    self._collected.add((impl.plugin_name, hook_name))
+                    impl.function(register=functools.partial(adders[hook_name], impl.plugin_name))
+
+    def _add_optimizer(self, plugin: str, cls: type[FusedOptimizer]) -> None:
+        from .optimizer import FusedOptimizer
+
+        if not (isinstance(cls, type) and issubclass(cls, FusedOptimizer)):
+            raise PluginError(f"plugin '{plugin}' registered {cls!r}, which is not a FusedOptimizer subclass")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin '{plugin}' registered {cls.__name__} without a 'name'")
+        if name in self._optimizers and self._optimizers[name][0] is not cls:
+            owner = self._optimizers[name][1]
+            raise PluginError(f"plugin '{plugin}' registered optimizer name '{name}', already taken by plugin '{owner}'")
+        self._optimizers[name] = (cls, plugin)
+
+    def _add_kernel(self, plugin: str, kernel: str, device_type: str, launcher: Any, dtypes: Any = None) -> None:
+        self.kernels.register(kernel, device_type, launcher, dtypes, plugin=plugin)
+
+
+registry = PluginRegistry()
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin (module, object or module path) explicitly; returns its name."""
+    return registry.register_plugin(plugin, name)
+
+
+def available_optimizers() -> list[str]:
+    """Names of every registered optimizer, sorted."""
+    return sorted(registry.optimizers())
+
+
+def create_optimizer(name: str, params: Any, **hyperparameters: Any) -> FusedOptimizer:
+    """Build the optimizer registered as ``name``: ``create_optimizer("sgd", params, lr=0.1)``."""
+    optimizers = registry.optimizers()
+    if name not in optimizers:
+        available = ", ".join(sorted(optimizers)) or f"none (is {DISABLE_AUTOLOAD_ENV} set?)"
+        raise UnknownOptimizerError(f"unknown optimizer '{name}'; available: {available}")
+    return optimizers[name](params, **hyperparameters)

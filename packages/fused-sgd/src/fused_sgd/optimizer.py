@@ -1,0 +1,80 @@
+"""FusedSGD and NpuFusedSGD."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fused_core import FusedOptimizer
+from torch.optim.optimizer import required
+
+from .hyperparams import SGDHyperparams
+
+
+class FusedSGD(FusedOptimizer):
+    r"""SGD with momentum, Nesterov momentum, weight decay and maximize, over flat buffers.
+
+    Step for step the same as ``torch.optim.SGD(foreach=False)``::
+
+        for t = 1, 2, ...:
+            g = -∇θ f(θ_{t-1}) if maximize else ∇θ f(θ_{t-1})
+            if λ != 0:  g = g + λ θ_{t-1}
+            if μ != 0:
+                b_t = g if t == 1 else μ b_{t-1} + (1 - τ) g
+                g = g + μ b_t if nesterov else b_t
+            θ_t = θ_{t-1} - γ g
+
+    Args:
+        params: tensors, param-group dicts, or ``(name, tensor)`` pairs from
+            ``model.named_parameters()``.
+        lr: learning rate γ (required; a number or a one-element tensor).
+        momentum: μ (default 0).
+        dampening: τ (default 0).
+        weight_decay: λ, L2 penalty (default 0).
+        nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
+        maximize: maximize the objective instead of minimizing it.
+
+    On the first ``step()`` every parameter moves into a flat buffer per (device,
+    dtype); gradients and momentum buffers follow the same layout. ``zero_grad()``
+    defaults to ``set_to_none=False`` (one fill per bucket).
+    """
+
+    name = "sgd"
+    hyperparameters = SGDHyperparams
+    kernel = "sgd"
+    state_names = ("momentum_buffer",)
+    plugin = "fused_sgd.plugin"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = required,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+        )
+        super().__init__(params, defaults)
+
+    def initializes_state(self, group: dict[str, Any]) -> bool:
+        """As torch.optim.SGD: momentum buffers exist only once a step ran with momentum != 0."""
+        return group["momentum"] != 0
+
+
+class NpuFusedSGD(FusedSGD):
+    """:class:`FusedSGD` under torch_npu's name and exact signature, on every device."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = required,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+    ) -> None:
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov)
