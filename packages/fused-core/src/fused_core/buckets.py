@@ -86,7 +86,16 @@ def plan_buckets(param_groups: Sequence[dict]) -> list[BucketPlan]:
             offset = -(-bucket.numel // align) * align
             numel = backend.storage_numel(param)
             bucket.slots.append(
-                Slot(param, group_index, index, param_name(group, index), offset, numel, param.shape, layout_stride(param))
+                Slot(
+                    param,
+                    group_index,
+                    index,
+                    param_name(group, index),
+                    offset,
+                    numel,
+                    param.shape,
+                    layout_stride(param),
+                )
             )
             bucket.numel = offset + numel
     return list(buckets.values())

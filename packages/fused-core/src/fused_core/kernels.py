@@ -105,7 +105,9 @@ class KernelRegistry:
     def _find(self, kernel: str, device: torch.device, dtype: torch.dtype) -> KernelEntry:
         candidates = [entry for entry in reversed(self._entries) if entry.kernel == kernel]
         for device_type in (device.type, ANY_DEVICE):
-            verdicts = [(entry, entry.accepts(device, dtype)) for entry in candidates if entry.device_type == device_type]
+            verdicts = [
+                (entry, entry.accepts(device, dtype)) for entry in candidates if entry.device_type == device_type
+            ]
             for wanted in (True, None):
                 for entry, verdict in verdicts:
                     if verdict is wanted:

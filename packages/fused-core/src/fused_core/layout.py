@@ -24,7 +24,7 @@ Nothing is modified until every parameter has been checked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,11 @@ def check_grad(slot: Slot, grad: torch.Tensor) -> None:
     param = slot.param
     if grad.is_sparse:
         raise InvalidParameterError(f"{slot.describe()} has a sparse gradient; fused optimizers need dense gradients")
-    for what, want, got in (("dtype", param.dtype, grad.dtype), ("shape", param.shape, grad.shape), ("device", param.device, grad.device)):
+    for what, want, got in (
+        ("dtype", param.dtype, grad.dtype),
+        ("shape", param.shape, grad.shape),
+        ("device", param.device, grad.device),
+    ):
         if want != got:
             raise InvalidParameterError(f"{slot.describe()} has a gradient of {what} {got}, expected {want}")
 

@@ -44,6 +44,7 @@ class PluginRegistry:
 
     def register_plugin(self, plugin: object, name: str | None = None) -> str:
         """Register ``plugin`` (a module or object with hookimpls) and collect its registrations."""
+        self._autoload()  # so a plugin that is also an entry point keeps its entry-point name
         if isinstance(plugin, str):
             plugin = importlib.import_module(plugin)
         if self.manager.is_registered(plugin):
@@ -81,7 +82,9 @@ class PluginRegistry:
             raise PluginError(f"plugin '{plugin}' registered {cls.__name__} without a 'name'")
         if name in self._optimizers and self._optimizers[name][0] is not cls:
             owner = self._optimizers[name][1]
-            raise PluginError(f"plugin '{plugin}' registered optimizer name '{name}', already taken by plugin '{owner}'")
+            raise PluginError(
+                f"plugin '{plugin}' registered optimizer name '{name}', already taken by plugin '{owner}'"
+            )
         self._optimizers[name] = (cls, plugin)
 
     def _add_kernel(self, plugin: str, kernel: str, device_type: str, launcher: Any, dtypes: Any = None) -> None:

@@ -8,8 +8,9 @@ rejected rather than coerced.
 
 from __future__ import annotations
 
-from fused_core.hyperparams import LearningRate, NonNegativeReal, Real
 from pydantic import BaseModel, ConfigDict, StrictBool, model_validator
+
+from fused_core.hyperparams import LearningRate, NonNegativeReal, Real
 
 
 class SGDHyperparams(BaseModel):

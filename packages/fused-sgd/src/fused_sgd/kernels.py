@@ -38,7 +38,9 @@ def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _update(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, hp: Mapping[str, Any], first_step: bool) -> None:
+def _update(
+    param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, hp: Mapping[str, Any], first_step: bool
+) -> None:
     """The update, in place, on tensors of one dtype (fp32 or fp64 here)."""
     momentum, weight_decay = hp["momentum"], hp["weight_decay"]
     d_p = grad.neg() if hp["maximize"] else grad

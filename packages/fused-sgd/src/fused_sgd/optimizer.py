@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fused_core import FusedOptimizer
 from torch.optim.optimizer import required
+
+from fused_core import FusedOptimizer
 
 from .hyperparams import SGDHyperparams
 
@@ -56,7 +57,12 @@ class FusedSGD(FusedOptimizer):
         maximize: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
 

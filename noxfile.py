@@ -1,0 +1,53 @@
+"""Test orchestration: one session per package, each in its own virtualenv.
+
+`nox` runs the default sessions (every package's tests, then lint). torch is
+installed first, pinned by FUSED_OPTIM_TORCH (default: torch==2.13.0, the CPU
+build CI uses), so no package's torch range can pull a different build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["core", "sgd", "testing", "lint"]
+
+TORCH = os.environ.get("FUSED_OPTIM_TORCH", "torch==2.13.0")
+CORE, SGD, TESTING = "./packages/fused-core", "./packages/fused-sgd", "./packages/testing-utils"
+
+
+def install(session: nox.Session, *packages: str) -> None:
+    session.install(TORCH)
+    session.install("pytest>=7", *packages)
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """fused-core's tests (its own plugin-hook tests use a tiny optimizer defined there)."""
+    install(session, CORE, TESTING)
+    session.run("pytest", "-q", "packages/fused-core/tests", *session.posargs)
+
+
+@nox.session
+def sgd(session: nox.Session) -> None:
+    """fused-sgd's tests: parity with torch.optim.SGD, low precision, the torch_npu example."""
+    install(session, SGD, TESTING)
+    session.run("pytest", "-q", "packages/fused-sgd/tests", *session.posargs)
+
+
+@nox.session
+def testing(session: nox.Session) -> None:
+    """testing-utils' own tests: the float64 reference, shape sets, parity harness."""
+    install(session, TESTING)
+    session.run("pytest", "-q", "packages/testing-utils/tests", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the tree, and mypy over the public API of fused_core and fused_sgd."""
+    install(session, SGD, "ruff>=0.6", "mypy>=1.10")
+    session.run("ruff", "check", ".")
+    session.run("mypy", "packages/fused-core/src/fused_core", "packages/fused-sgd/src/fused_sgd")
