@@ -21,7 +21,8 @@ CORE, SGD, TESTING = "./packages/fused-core", "./packages/fused-sgd", "./package
 
 def install(session: nox.Session, *packages: str) -> None:
     session.install(TORCH)
-    session.install("pytest>=7", *packages)
+    # No wheel cache: the monorepo's packages keep their version while their code changes.
+    session.install("--no-cache-dir", "pytest>=7", *packages)
 
 
 @nox.session

@@ -160,7 +160,7 @@ class Layout:
                 grad = param.grad
                 if grad is not None and not bucket.holds(bucket.grads, slot, grad):
                     check_grad(slot, grad)
-                    readopt_grads.append((bucket, slot))
+                    readopt_grads.append((bucket, slot, grad))
                 values = state.get(param, {})
                 for name in self.state_names:
                     value = values.get(name)
@@ -169,8 +169,8 @@ class Layout:
                         readopt_states.append((bucket, slot))
         for bucket, slot in readopt_params:
             bucket.bind_param(slot)
-        for bucket, slot in readopt_grads:
-            bucket.bind_grad(slot, slot.param.grad)
+        for bucket, slot, grad in readopt_grads:
+            bucket.bind_grad(slot, grad)
         for bucket, slot in readopt_states:
             self._bind_states(bucket, slot, state, copy=True)
         self.refresh(state)

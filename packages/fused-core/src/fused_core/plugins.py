@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -47,8 +48,9 @@ class PluginRegistry:
         self._autoload()  # so a plugin that is also an entry point keeps its entry-point name
         if isinstance(plugin, str):
             plugin = importlib.import_module(plugin)
-        if self.manager.is_registered(plugin):
-            return self.manager.get_name(plugin)
+        known_as = self.manager.get_name(plugin)
+        if known_as is not None:
+            return known_as
         registered = self.manager.register(plugin, name)
         if registered is None:
             raise PluginError(f"plugin '{name}' is blocked")
@@ -65,12 +67,16 @@ class PluginRegistry:
 
     def _collect(self) -> None:
         """Call the registration hooks of every plugin not collected yet, telling each which plugin calls."""
-        adders = {"register_optimizers": self._add_optimizer, "register_kernels": self._add_kernel}
+        adders: dict[str, Callable[..., None]] = {
+            "register_optimizers": self._add_optimizer,
+            "register_kernels": self._add_kernel,
+        }
         for hook_name in _HOOKS:
             for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
                 if (impl.plugin_name, hook_name) not in self._collected:
                     self._collected.add((impl.plugin_name, hook_name))
-                    impl.function(register=functools.partial(adders[hook_name], impl.plugin_name))
+                    hook: Callable[..., None] = impl.function
+                    hook(register=functools.partial(adders[hook_name], impl.plugin_name))
 
     def _add_optimizer(self, plugin: str, cls: type[FusedOptimizer]) -> None:
         from .optimizer import FusedOptimizer

@@ -70,11 +70,13 @@ def sgd_composite(
     for start in range(0, params.numel(), CHUNK):
         part = slice(start, start + CHUNK)
         param32 = params[part].float()
-        buf32 = buf[part].float() if buf is not None else None
-        _update(param32, grads[part].float(), buf32, hp, first_step)
-        params[part].copy_(param32)
-        if buf is not None:
+        if buf is None:
+            _update(param32, grads[part].float(), None, hp, first_step)
+        else:
+            buf32 = buf[part].float()
+            _update(param32, grads[part].float(), buf32, hp, first_step)
             buf[part].copy_(buf32)
+        params[part].copy_(param32)
 
 
 def sgd_native_fused(

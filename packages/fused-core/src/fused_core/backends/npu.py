@@ -6,7 +6,7 @@ buffer; we do the same. Private storage formats are not handled yet (issue 7).
 
 from __future__ import annotations
 
-import torch_npu  # noqa: F401  (registers the npu device with torch)
+import torch_npu  # type: ignore[import-not-found]  # noqa: F401  (registers the npu device)
 
 from . import Backend
 
