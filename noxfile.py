@@ -13,10 +13,11 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["core", "sgd", "testing", "lint"]
+nox.options.sessions = ["core", "sgd", "testing", "cli", "lint"]
 
 TORCH = os.environ.get("FUSED_OPTIM_TORCH", "torch==2.13.0")
 CORE, SGD, TESTING = "./packages/fused-core", "./packages/fused-sgd", "./packages/testing-utils"
+CLI = "./packages/fused-optim"
 
 
 def install(session: nox.Session, *packages: str) -> None:
@@ -44,6 +45,13 @@ def testing(session: nox.Session) -> None:
     """testing-utils' own tests: the float64 reference, shape sets, parity harness."""
     install(session, TESTING)
     session.run("pytest", "-q", "packages/testing-utils/tests", *session.posargs)
+
+
+@nox.session
+def cli(session: nox.Session) -> None:
+    """The fused-optim command line: `train` and `bench` (quick settings)."""
+    install(session, f"{CLI}[plot]")
+    session.run("pytest", "-q", "packages/fused-optim/tests", *session.posargs)
 
 
 @nox.session

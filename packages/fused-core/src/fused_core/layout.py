@@ -124,6 +124,7 @@ class Layout:
                 param = slot.param
                 if not bucket.holds(bucket.grads, slot, param.grad):
                     self._gradless.append(param)
+                    bucket.view(bucket.grads, slot).zero_()  # flat-gradient reductions see only live gradients
                     previous_has_grad = False
                     continue
                 key = (slot.group, not all(name in state.get(param, {}) for name in self.state_names))

@@ -75,8 +75,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         validate_group(self.hyperparameters, merged, where=where)
         super().add_param_group(param_group)
         try:
+            seen: dict[int, int] = {}
             for position, param in enumerate(self.param_groups[-1]["params"]):
                 self._check_param(param, f"{where}, parameter {position}")
+                if id(param) in seen:
+                    raise InvalidParameterError(
+                        f"{where}, parameter {position}: the same tensor as parameter {seen[id(param)]}; "
+                        "a parameter can live in a flat buffer only once"
+                    )
+                seen[id(param)] = position
         except Exception:
             self.param_groups.pop()
             raise
@@ -133,6 +140,47 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._reconcile_needed = False
         return layout
 
+    # ----- fused extras (torch_npu's names) ---------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_fused_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        r"""``torch.nn.utils.clip_grad_norm_`` over this optimizer's gradients, one reduction per bucket.
+
+        .. math:: n = \lVert (\lVert g_b \rVert_p)_b \rVert_p, \qquad
+                  g \leftarrow g \cdot \min\left(\frac{\text{max\_norm}}{n + 10^{-6}}, 1\right)
+
+        where :math:`g_b` is bucket :math:`b`'s flat gradient (slots without a gradient hold
+        zeros). Returns the total norm :math:`n`; ``norm_type`` may be ``inf``.
+        """
+        grads = [bucket.grads for bucket in self._current_layout().buckets]
+        if not grads:
+            return torch.tensor(0.0)
+        norm_type = float(norm_type)
+        first_device = grads[0].device
+        norms = [torch.linalg.vector_norm(flat, norm_type) for flat in grads]
+        total = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), norm_type)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be clipped"
+            )
+        coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        for flat in grads:
+            flat.mul_(coefficient.to(flat.device))
+        return total
+
+    def get_combined_params(self) -> list[torch.Tensor]:
+        """The flat parameter buffer of every bucket (torch_npu's ``get_combined_params``)."""
+        return [bucket.params for bucket in self._current_layout().buckets]
+
+    def get_combined_grads(self) -> list[torch.Tensor]:
+        """The flat gradient buffer of every bucket; slots of parameters without a gradient hold zeros."""
+        return [bucket.grads for bucket in self._current_layout().buckets]
+
+    def get_combined_state(self, name: str) -> list[torch.Tensor]:
+        """The flat buffer of state ``name`` (e.g. ``"momentum_buffer"``) of every bucket."""
+        return [bucket.state[name] for bucket in self._current_layout().buckets]
+
     # ----- around the step ------------------------------------------------
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradients. Unlike torch (``set_to_none=True``), the default keeps them:
@@ -144,6 +192,29 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.grads.zero_()
             return
         super().zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict. Per-parameter state tensors are views of the flat state buffers,
+        as live as torch's own; where a flat buffer also holds slots that have no state
+        (parameters never stepped, alignment gaps) they are cloned, so a saved checkpoint
+        never holds more bytes than torch's."""
+        state_dict = super().state_dict()
+        layout = self._layout
+        if layout is None:
+            return state_dict
+        index_of = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for bucket in layout.buckets:
+            for name, flat in bucket.state.items():
+                stateful = [slot for slot in bucket.plan.slots if name in self.state.get(slot.param, {})]
+                if sum(slot.numel for slot in stateful) == flat.numel():
+                    continue
+                for slot in stateful:
+                    index = index_of[id(slot.param)]
+                    state_dict["state"][index] = {
+                        **state_dict["state"][index],
+                        name: self.state[slot.param][name].clone(),
+                    }
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after validating the saved hyperparameters; the loaded
