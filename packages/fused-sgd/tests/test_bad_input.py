@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fused_core import InvalidParameterError
 from fused_core.backends import get_backend
 from fused_sgd import FusedSGD

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fused_core import InvalidParameterError, ParameterReallocatedError
 from fused_sgd import FusedSGD
 from fused_testing.parity import make_batches, make_model
