@@ -12,19 +12,21 @@ momentum :math:`\mu`, dampening :math:`\tau`, weight decay :math:`\lambda`
         g   = g + μ b_t  if nesterov else b_t
     θ_t = θ_{t-1} - γ g
 
-Two launchers implement it:
+Three launchers implement it:
 
 * :func:`sgd_composite`: torch ops on the flat slices, for any device and dtype;
   fp16/bf16 slices are computed in fp32 (in cache-sized chunks) and rounded once.
 * :func:`sgd_native_fused`: torch's own fused SGD op (``torch._fused_sgd_``) over the
-  whole slice. It is routed to a (device, dtype) only after
-  :func:`native_fused_agrees` has checked it against :func:`sgd_composite` on that
-  device and dtype: on torch 2.13's CPU build it is right for fp32 only.
+  whole slice, for the dtypes where :func:`native_fused_agrees` has checked it against
+  :func:`sgd_composite` on the device at hand (torch 2.13's CPU build: fp32 only).
+* :func:`sgd_native_fused_fp32_chunks`: for fp16/bf16 where only the fp32 fused op is
+  right: cache-sized chunks are upcast, updated by the fp32 fused op, and rounded once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -55,6 +57,27 @@ def _update(
     param.add_(d_p, alpha=-_scalar(hp["lr"]))
 
 
+def _in_fp32_chunks(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    buf: torch.Tensor | None,
+    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None],
+) -> None:
+    """Run ``update`` on fp32 copies of CHUNK-sized pieces of low-precision slices, rounding back once."""
+    for start in range(0, params.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        param32 = params[part].float()
+        buf32 = None if buf is None else buf[part].float()
+        update(param32, grads[part].float(), buf32)
+        params[part].copy_(param32)
+        if buf is not None and buf32 is not None:
+            buf[part].copy_(buf32)
+
+
+def _momentum_buffer(state: Mapping[str, torch.Tensor], hp: Mapping[str, Any]) -> torch.Tensor | None:
+    return state["momentum_buffer"] if hp["momentum"] != 0 else None
+
+
 def sgd_composite(
     params: torch.Tensor,
     grads: torch.Tensor,
@@ -63,20 +86,28 @@ def sgd_composite(
     first_step: bool,
 ) -> None:
     """SGD from torch ops; low-precision slices go through fp32 chunk by chunk."""
-    buf = state.get("momentum_buffer") if hp["momentum"] != 0 else None
-    if params.dtype not in LOW_PRECISION:
+    buf = _momentum_buffer(state, hp)
+    if params.dtype in LOW_PRECISION:
+        _in_fp32_chunks(params, grads, buf, lambda p, g, b: _update(p, g, b, hp, first_step))
+    else:
         _update(params, grads, buf, hp, first_step)
-        return
-    for start in range(0, params.numel(), CHUNK):
-        part = slice(start, start + CHUNK)
-        param32 = params[part].float()
-        if buf is None:
-            _update(param32, grads[part].float(), None, hp, first_step)
-        else:
-            buf32 = buf[part].float()
-            _update(param32, grads[part].float(), buf32, hp, first_step)
-            buf[part].copy_(buf32)
-        params[part].copy_(param32)
+
+
+def _fused_op(
+    params: torch.Tensor, grads: torch.Tensor, buf: torch.Tensor | None, hp: Mapping[str, Any], first_step: bool
+) -> None:
+    torch._fused_sgd_(
+        [params],
+        [grads],
+        [] if buf is None else [buf],
+        weight_decay=hp["weight_decay"],
+        momentum=hp["momentum"],
+        lr=_scalar(hp["lr"]),
+        dampening=hp["dampening"],
+        nesterov=hp["nesterov"],
+        maximize=hp["maximize"],
+        is_first_step=first_step,
+    )
 
 
 def sgd_native_fused(
@@ -87,19 +118,23 @@ def sgd_native_fused(
     first_step: bool,
 ) -> None:
     """One call of torch's fused SGD op over the whole slice."""
-    momentum = hp["momentum"]
-    torch._fused_sgd_(
-        [params],
-        [grads],
-        [state["momentum_buffer"]] if momentum != 0 else [],
-        weight_decay=hp["weight_decay"],
-        momentum=momentum,
-        lr=_scalar(hp["lr"]),
-        dampening=hp["dampening"],
-        nesterov=hp["nesterov"],
-        maximize=hp["maximize"],
-        is_first_step=first_step,
-    )
+    _fused_op(params, grads, _momentum_buffer(state, hp), hp, first_step)
+
+
+def sgd_native_fused_fp32_chunks(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    hp: Mapping[str, Any],
+    first_step: bool,
+) -> None:
+    """fp16/bf16 slices through torch's fp32 fused op, chunk by chunk."""
+    _in_fp32_chunks(params, grads, _momentum_buffer(state, hp), lambda p, g, b: _fused_op(p, g, b, hp, first_step))
+
+
+def fp32_native_fused_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Route a low-precision dtype to :func:`sgd_native_fused_fp32_chunks` when the fp32 op is right."""
+    return dtype in LOW_PRECISION and native_fused_agrees(device, torch.float32)
 
 
 _PROBE_CASES = (
@@ -109,6 +144,7 @@ _PROBE_CASES = (
 )
 
 
+@functools.cache
 def native_fused_agrees(device: torch.device, dtype: torch.dtype, numel: int = 4099) -> bool:
     """Whether ``torch._fused_sgd_`` matches :func:`sgd_composite` on ``device`` for ``dtype``.
 

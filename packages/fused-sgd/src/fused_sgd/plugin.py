@@ -7,7 +7,13 @@ from typing import Any
 
 from fused_core import hookimpl
 
-from .kernels import native_fused_agrees, sgd_composite, sgd_native_fused
+from .kernels import (
+    fp32_native_fused_serves,
+    native_fused_agrees,
+    sgd_composite,
+    sgd_native_fused,
+    sgd_native_fused_fp32_chunks,
+)
 from .optimizer import FusedSGD
 
 
@@ -20,4 +26,7 @@ def register_optimizers(register: Callable[[type], None]) -> None:
 def register_kernels(register: Callable[..., Any]) -> None:
     register("sgd", "*", sgd_composite)
     for device_type in ("cpu", "cuda"):
+        # Later registrations win: torch's fused op where it is right for the dtype itself,
+        # else its fp32 version over upcast chunks for fp16/bf16, else the composite.
+        register("sgd", device_type, sgd_native_fused_fp32_chunks, dtypes=fp32_native_fused_serves)
         register("sgd", device_type, sgd_native_fused, dtypes=native_fused_agrees)
