@@ -7,6 +7,7 @@ Binding re-points a tensor at its slice: a parameter keeps its identity
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -32,6 +33,14 @@ class FlatBucket:
         self.grads = make()
         self.state = {name: make() for name in state_names}
 
+    NORM_CHUNK = 1 << 15
+    """Elements per chunk of :attr:`grad_chunks`."""
+
+    @functools.cached_property
+    def grad_chunks(self) -> list[torch.Tensor]:
+        """The flat gradient buffer as fixed-size views, for chunked reductions (gradient norms)."""
+        return list(self.grads.split(self.NORM_CHUNK))
+
     @property
     def buffers(self) -> list[torch.Tensor]:
         return [self.params, self.grads, *self.state.values()]
@@ -42,14 +51,17 @@ class FlatBucket:
 
     @staticmethod
     def holds(flat: torch.Tensor, slot: Slot, tensor: torch.Tensor | None) -> bool:
-        """Whether ``tensor`` already is ``slot``'s region of ``flat``."""
+        """Whether ``tensor`` already is ``slot``'s region of ``flat`` (storage and offset are
+        compared rather than ``data_ptr()``, which is 0 for every numel-0 tensor)."""
         return (
             tensor is not None
-            and tensor.data_ptr() == flat.data_ptr() + slot.offset * flat.element_size()
+            and tensor.layout == torch.strided
             and tensor.dtype == flat.dtype
             and tensor.device == flat.device
             and tensor.shape == slot.shape
             and tuple(tensor.stride()) == slot.stride
+            and tensor.storage_offset() == flat.storage_offset() + slot.offset
+            and tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
         )
 
     def bind_param(self, slot: Slot) -> None:

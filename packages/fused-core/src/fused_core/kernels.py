@@ -72,6 +72,18 @@ class KernelRegistry:
     def __init__(self) -> None:
         self._entries: list[KernelEntry] = []
         self._resolved: dict[tuple[str, torch.device, torch.dtype], KernelEntry] = {}
+        self._verdicts: dict[tuple[int, torch.device, torch.dtype], bool | None] = {}
+
+    @staticmethod
+    def check(kernel: str, device_type: str, launcher: Any, *, plugin: str) -> None:
+        """Raise :class:`PluginError`, naming ``plugin``, for a registration that cannot be served."""
+        if device_type != ANY_DEVICE and device_type not in KNOWN_DEVICE_TYPES:
+            raise PluginError(
+                f"plugin '{plugin}' registered kernel '{kernel}' for unknown device type "
+                f"'{device_type}' (known: {', '.join(sorted(KNOWN_DEVICE_TYPES))}, or '*')"
+            )
+        if not callable(launcher):
+            raise PluginError(f"plugin '{plugin}' registered kernel '{kernel}' with a launcher that is not callable")
 
     def register(
         self,
@@ -82,13 +94,7 @@ class KernelRegistry:
         *,
         plugin: str = "<direct>",
     ) -> None:
-        if device_type != ANY_DEVICE and device_type not in KNOWN_DEVICE_TYPES:
-            raise PluginError(
-                f"plugin '{plugin}' registered kernel '{kernel}' for unknown device type "
-                f"'{device_type}' (known: {', '.join(sorted(KNOWN_DEVICE_TYPES))}, or '*')"
-            )
-        if not callable(launcher):
-            raise PluginError(f"plugin '{plugin}' registered kernel '{kernel}' with a launcher that is not callable")
+        self.check(kernel, device_type, launcher, plugin=plugin)
         self._entries.append(KernelEntry(kernel, device_type, launcher, dtypes, plugin))
         self._resolved.clear()
 
@@ -102,11 +108,18 @@ class KernelRegistry:
     def resolve(self, kernel: str, device: torch.device, dtype: torch.dtype) -> Launcher:
         return self.entry(kernel, device, dtype).launcher
 
+    def _accepts(self, entry: KernelEntry, device: torch.device, dtype: torch.dtype) -> bool | None:
+        """``entry.accepts``, remembered: a predicate runs once per (entry, device, dtype)."""
+        key = (id(entry), device, dtype)
+        if key not in self._verdicts:
+            self._verdicts[key] = entry.accepts(device, dtype)
+        return self._verdicts[key]
+
     def _find(self, kernel: str, device: torch.device, dtype: torch.dtype) -> KernelEntry:
         candidates = [entry for entry in reversed(self._entries) if entry.kernel == kernel]
         for device_type in (device.type, ANY_DEVICE):
             verdicts = [
-                (entry, entry.accepts(device, dtype)) for entry in candidates if entry.device_type == device_type
+                (entry, self._accepts(entry, device, dtype)) for entry in candidates if entry.device_type == device_type
             ]
             for wanted in (True, None):
                 for entry, verdict in verdicts:

@@ -99,16 +99,27 @@ class Layout:
         self.runs: list[Run] = []
         self._watched: list[tuple[int, int]] = []
         self._gradless: list[torch.Tensor] = []
+        self._sentinels: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
         self.refresh(state)
 
     # ----- hot path -------------------------------------------------------
     def is_current(self) -> bool:
-        """O(buckets + gradless params): has anything been re-pointed since the last bind?"""
+        """O(buckets + runs + gradless params): has anything been re-pointed since the last bind?
+
+        Three cheap signals: the use count of every flat storage (any bound tensor re-pointed
+        elsewhere drops it), the parameters that had no gradient (one may have got one), and
+        the first and last parameter of every run, whose gradient object and data pointer must
+        be the bound ones (this catches whole-model resets such as ``model.zero_grad()`` or
+        ``model.half()`` even while other references keep the old flat views alive).
+        """
         for cdata, count in self._watched:
             if torch._C._storage_Use_Count(cdata) != count:
                 return False
         for param in self._gradless:
             if param.grad is not None:
+                return False
+        for param, grad, data_ptr in self._sentinels:
+            if param.grad is not grad or param.data_ptr() != data_ptr:
                 return False
         return True
 
@@ -135,13 +146,17 @@ class Layout:
                 previous_has_grad = True
             launcher = self._launchers[bucket]
             self.runs += [Run(group, launcher, bucket, slots, first) for (group, first), slots in pending]
+        ends = {slot for run in self.runs for slot in (run.slots[0], run.slots[-1])}
+        self._sentinels = [(slot.param, slot.param.grad, slot.param.data_ptr()) for slot in ends]
         cdatas = [buffer.untyped_storage()._cdata for bucket in self.buckets for buffer in bucket.buffers]
         self._watched = [(cdata, torch._C._storage_Use_Count(cdata)) for cdata in cdatas]
 
-    def initialize_state(self, run: Run, state: State) -> None:
-        """After ``run``'s first step: expose its state slots as per-parameter state tensors."""
-        for slot in run.slots:
-            self._bind_states(run.bucket, slot, state, copy=False)
+    def initialize_state(self, slots: Sequence[Slot], state: State) -> None:
+        """After a first step over ``slots``: expose their state slots as per-parameter state tensors."""
+        bucket_of = {id(slot): bucket for bucket in self.buckets for slot in bucket.plan.slots}
+        for slot in slots:
+            self._bind_states(bucket_of[id(slot)], slot, state, copy=False)
+        self.refresh(state)
 
     def reconcile(self, state: State) -> bool:
         """Re-adopt whatever was re-pointed. False when the layout must be rebuilt instead."""

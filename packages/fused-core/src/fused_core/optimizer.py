@@ -26,10 +26,30 @@ from pydantic import BaseModel
 from torch.optim.optimizer import required
 
 from .backends import get_backend
+from .buckets import Slot
 from .errors import InvalidParameterError
 from .hyperparams import validate_group
 from .layout import Layout
 from .plugins import registry
+
+
+def compact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """state_dict post-hook (run before the user's): per-parameter state tensors are views of flat
+    buffers, as live as torch's own tensors. ``torch.save`` writes a view's whole storage, so where
+    the views of one storage do not cover it (parameters without state, alignment gaps, a partial
+    state_dict) they are cloned: a checkpoint never holds more bytes than torch's."""
+    views: dict[tuple[torch.device, int], list[tuple[Any, str, torch.Tensor]]] = {}
+    for key, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                storage = value.untyped_storage()
+                views.setdefault((value.device, storage.data_ptr()), []).append((key, name, value))
+    for shared in views.values():
+        storage_bytes = shared[0][2].untyped_storage().nbytes()
+        if sum(value.numel() * value.element_size() for _, _, value in shared) < storage_bytes:
+            for key, name, value in shared:
+                state_dict["state"][key] = {**state_dict["state"][key], name: value.clone()}
+    return state_dict
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -51,11 +71,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             partial=True,
         )
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(compact_state, prepend=True)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_layout", None)
-        self.__dict__.setdefault("_reconcile_needed", True)
+        if "_layout" not in self.__dict__:  # unpickled, not reloaded: hooks were not pickled
+            self._layout = None
+            self.register_state_dict_post_hook(compact_state, prepend=True)
+        self._reconcile_needed = True
 
     # ----- what plugins may override -------------------------------------
     def initializes_state(self, group: dict[str, Any]) -> bool:
@@ -111,18 +134,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         layout = self._current_layout()
+        started = self._launch(layout)
+        if started:
+            layout.initialize_state(started, self.state)
+        return loss
+
+    def _launch(self, layout: Layout) -> list[Slot]:
+        """One launcher call per run; returns the slots whose state this step initialised.
+        (No run outlives this call: the layout's next use-count snapshot must not count it.)"""
         groups = self.param_groups
-        started: list[Any] = []
+        started: list[Slot] = []
         for run in layout.runs:
             group = groups[run.group]
             run.launcher(run.params, run.grads, run.state, group, run.first_step)
             if run.first_step and self.state_names and self.initializes_state(group):
-                started.append(run)
-        if started:
-            for run in started:
-                layout.initialize_state(run, self.state)
-            layout.refresh(self.state)
-        return loss
+                started += run.slots
+        return started
 
     def _current_layout(self) -> Layout:
         layout = self._layout
@@ -153,12 +180,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         where :math:`g_b` is bucket :math:`b`'s flat gradient (slots without a gradient hold
         zeros). Returns the total norm :math:`n`; ``norm_type`` may be ``inf``.
         """
-        grads = [bucket.grads for bucket in self._current_layout().buckets]
+        layout = self._current_layout()
+        grads = [bucket.grads for bucket in layout.buckets]
         if not grads:
             return torch.tensor(0.0)
         norm_type = float(norm_type)
         first_device = grads[0].device
-        norms = [torch.linalg.vector_norm(flat, norm_type) for flat in grads]
+        # One foreach reduction per bucket over fixed-size chunks: a single vector_norm over
+        # millions of elements accumulates more rounding error than torch's per-tensor norms.
+        norms = [norm for bucket in layout.buckets for norm in torch._foreach_norm(bucket.grad_chunks, norm_type)]
         total = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise RuntimeError(
@@ -192,29 +222,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.grads.zero_()
             return
         super().zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict. Per-parameter state tensors are views of the flat state buffers,
-        as live as torch's own; where a flat buffer also holds slots that have no state
-        (parameters never stepped, alignment gaps) they are cloned, so a saved checkpoint
-        never holds more bytes than torch's."""
-        state_dict = super().state_dict()
-        layout = self._layout
-        if layout is None:
-            return state_dict
-        index_of = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
-        for bucket in layout.buckets:
-            for name, flat in bucket.state.items():
-                stateful = [slot for slot in bucket.plan.slots if name in self.state.get(slot.param, {})]
-                if sum(slot.numel for slot in stateful) == flat.numel():
-                    continue
-                for slot in stateful:
-                    index = index_of[id(slot.param)]
-                    state_dict["state"][index] = {
-                        **state_dict["state"][index],
-                        name: self.state[slot.param][name].clone(),
-                    }
-        return state_dict
+        self._reconcile_needed = self._reconcile_needed or set_to_none
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after validating the saved hyperparameters; the loaded

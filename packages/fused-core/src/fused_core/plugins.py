@@ -8,7 +8,6 @@ adds plugins explicitly.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "fused_optim"
 DISABLE_AUTOLOAD_ENV = "FUSED_OPTIM_DISABLE_PLUGIN_AUTOLOAD"
-_HOOKS = ("register_optimizers", "register_kernels")
 
 
 class PluginRegistry:
@@ -36,7 +34,7 @@ class PluginRegistry:
         self.manager.add_hookspecs(hookspecs)
         self.kernels = KernelRegistry()
         self._optimizers: dict[str, tuple[type[FusedOptimizer], str]] = {}
-        self._collected: set[tuple[str, str]] = set()
+        self._collected: set[str] = set()
         self._autoloaded = False
 
     def optimizers(self) -> dict[str, type[FusedOptimizer]]:
@@ -66,19 +64,46 @@ class PluginRegistry:
             self._collect()
 
     def _collect(self) -> None:
-        """Call the registration hooks of every plugin not collected yet, telling each which plugin calls."""
-        adders: dict[str, Callable[..., None]] = {
-            "register_optimizers": self._add_optimizer,
-            "register_kernels": self._add_kernel,
-        }
-        for hook_name in _HOOKS:
-            for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
-                if (impl.plugin_name, hook_name) not in self._collected:
-                    self._collected.add((impl.plugin_name, hook_name))
-                    hook: Callable[..., None] = impl.function
-                    hook(register=functools.partial(adders[hook_name], impl.plugin_name))
+        """Collect the registrations of every plugin not collected yet, one plugin at a time.
 
-    def _add_optimizer(self, plugin: str, cls: type[FusedOptimizer]) -> None:
+        A plugin's registrations are staged and checked first, then committed together; a
+        plugin with any invalid registration is unregistered whole and the error raised.
+        """
+        for plugin_name, plugin in self.manager.list_name_plugin():
+            if plugin is None or plugin_name in self._collected:
+                continue
+            try:
+                optimizers, kernels = self._stage(plugin_name)
+            except Exception:
+                self.manager.unregister(name=plugin_name)
+                raise
+            self._collected.add(plugin_name)
+            for cls in optimizers:
+                self._optimizers[cls.name] = (cls, plugin_name)
+            for kernel in kernels:
+                self.kernels.register(*kernel, plugin=plugin_name)
+
+    def _stage(self, plugin: str) -> tuple[list[type[FusedOptimizer]], list[tuple[Any, ...]]]:
+        """Call ``plugin``'s hooks with registering callables that check and record, not commit."""
+        optimizers: list[type[FusedOptimizer]] = []
+        kernels: list[tuple[Any, ...]] = []
+
+        def add_optimizer(cls: type[FusedOptimizer]) -> None:
+            self._check_optimizer(plugin, cls, staged=optimizers)
+            optimizers.append(cls)
+
+        def add_kernel(kernel: str, device_type: str, launcher: Any, dtypes: Any = None) -> None:
+            KernelRegistry.check(kernel, device_type, launcher, plugin=plugin)
+            kernels.append((kernel, device_type, launcher, dtypes))
+
+        for hook_name, register in (("register_optimizers", add_optimizer), ("register_kernels", add_kernel)):
+            for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
+                if impl.plugin_name == plugin:
+                    hook: Callable[..., None] = impl.function
+                    hook(register=register)
+        return optimizers, kernels
+
+    def _check_optimizer(self, plugin: str, cls: Any, staged: list[type[FusedOptimizer]]) -> None:
         from .optimizer import FusedOptimizer
 
         if not (isinstance(cls, type) and issubclass(cls, FusedOptimizer)):
@@ -86,15 +111,12 @@ class PluginRegistry:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin '{plugin}' registered {cls.__name__} without a 'name'")
-        if name in self._optimizers and self._optimizers[name][0] is not cls:
-            owner = self._optimizers[name][1]
+        owners = {other.name: plugin for other in staged}
+        owners.update({taken: owner for taken, (_, owner) in self._optimizers.items()})
+        if name in owners:
             raise PluginError(
-                f"plugin '{plugin}' registered optimizer name '{name}', already taken by plugin '{owner}'"
+                f"plugin '{plugin}' registered optimizer name '{name}', already taken by plugin '{owners[name]}'"
             )
-        self._optimizers[name] = (cls, plugin)
-
-    def _add_kernel(self, plugin: str, kernel: str, device_type: str, launcher: Any, dtypes: Any = None) -> None:
-        self.kernels.register(kernel, device_type, launcher, dtypes, plugin=plugin)
 
 
 registry = PluginRegistry()
