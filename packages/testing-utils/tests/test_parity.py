@@ -11,6 +11,7 @@ from fused_testing.parity import (
     assert_parity,
     make_batches,
     make_model,
+    mlp,
     train_side_by_side,
 )
 
@@ -116,3 +117,49 @@ def test_make_batches_fit_their_model(kind: str) -> None:
     assert targets.min() >= 0 and targets.max() < 10
     logits = make_model(kind, dtype=torch.float64)(inputs)
     assert logits.shape == (4, 10)
+
+
+def test_builder_and_batches_from_a_dataset() -> None:
+    """A model builder and an iterable of batches: the harness trains on them, step by step, once."""
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.rand(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)) for _ in range(4)]
+    consumed: list[int] = []
+
+    def batches():
+        for i, batch in enumerate(data):
+            consumed.append(i)
+            yield batch[0].double(), batch[1]  # moved to the harness's dtype
+
+    def build() -> nn.Module:
+        return mlp(in_features=5, width=7, depth=3, num_classes=3)
+
+    result = train_side_by_side(_sgd(momentum=0.9), _sgd(momentum=0.9), model_kind=build, batches=batches(), seed=4)
+    assert consumed == [0, 1, 2, 3]
+    assert len(result.losses_a) == 4 and result.losses_a == result.losses_b
+    assert result.max_relative_error == 0.0
+    assert result.step_seconds_a == result.step_seconds_b == []  # not timed unless asked
+    initial = make_model(build, seed=4)
+    assert [p.shape for p in initial.parameters()] == [p.shape for p in result.model_a.parameters()]
+    assert not torch.equal(next(iter(initial.parameters())), next(iter(result.model_a.parameters())))
+
+
+def test_steps_caps_given_batches_and_time_steps_records_each_step() -> None:
+    batches = make_batches("mlp", 6)
+    result = train_side_by_side(_sgd(), _sgd(), batches=iter(batches), steps=4, time_steps=True)
+    assert len(result.losses_a) == 4
+    assert len(result.step_seconds_a) == len(result.step_seconds_b) == 4
+    assert all(seconds > 0 for seconds in result.step_seconds_a + result.step_seconds_b)
+    every = train_side_by_side(_sgd(), _sgd(), batches=batches)
+    assert len(every.losses_a) == 6
+
+
+def test_a_builder_needs_batches() -> None:
+    with pytest.raises(ValueError, match="needs batches"):
+        train_side_by_side(_sgd(), _sgd(), model_kind=lambda: mlp(depth=1))
+
+
+def test_mlp_builder() -> None:
+    assert [p.shape for p in mlp(in_features=4, depth=0, num_classes=3).parameters()] == [(3, 4), (3,)]
+    deep = mlp(in_features=6, width=5, depth=4)
+    assert len(list(deep.parameters())) == 10
+    assert deep(torch.zeros(2, 6)).shape == (2, 10)

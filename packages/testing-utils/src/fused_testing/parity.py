@@ -7,14 +7,22 @@ grads after ``zero_grad(set_to_none=True)``) that training produces. Optimizer
 ``a`` is the reference: per parameter the error is
 ``relative_error(param_b, param_a)`` (see :mod:`fused_testing.reference`).
 
+The model is one of :data:`MODEL_KINDS` or any zero-argument builder, and the
+batches are random ones from :func:`make_batches` or any iterable of
+``(inputs, targets)`` (a real dataset, epoch after epoch). The two optimizers
+step in turn on each batch, so ``time_steps=True`` measures both under the same
+conditions.
+
 On accelerators, bit-identical results also require deterministic kernels
 (``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +36,26 @@ __all__ = [
     "assert_parity",
     "make_batches",
     "make_model",
+    "mlp",
     "train_side_by_side",
 ]
 
 NUM_CLASSES = 10
 
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES))
+def mlp(in_features: int = 64, width: int = 128, depth: int = 2, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """``depth`` hidden ``Linear(width) + ReLU`` layers, then a linear classifier.
+
+    ``depth=0`` is a linear classifier. Two tensors per ``Linear``: a deep,
+    narrow MLP has many small parameters, where a per-tensor optimizer pays
+    most.
+    """
+    layers: list[nn.Module] = []
+    features = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    return nn.Sequential(*layers, nn.Linear(features, num_classes))
 
 
 def _convnet() -> nn.Module:
@@ -54,22 +74,18 @@ def _convnet() -> nn.Module:
     )
 
 
-def _deep_mlp(depth: int = 16, width: int = 32) -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, NUM_CLASSES))
-
+ModelBuilder = Callable[[], nn.Module]
+"""Builds a model on the CPU in float32, drawing its initial weights from torch's global RNG."""
 
 # kind -> (builder, shape of one input sample)
-MODEL_KINDS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "mlp": (_mlp, (64,)),
+MODEL_KINDS: dict[str, tuple[ModelBuilder, tuple[int, ...]]] = {
+    "mlp": (mlp, (64,)),
     "convnet": (_convnet, (3, 8, 8)),
-    "deep-mlp": (_deep_mlp, (32,)),
+    "deep-mlp": (lambda: mlp(in_features=32, width=32, depth=15), (32,)),
 }
 
 
-def _kind(model_kind: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
+def _kind(model_kind: str) -> tuple[ModelBuilder, tuple[int, ...]]:
     try:
         return MODEL_KINDS[model_kind]
     except KeyError:
@@ -77,18 +93,18 @@ def _kind(model_kind: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
 
 
 def make_model(
-    kind: str = "mlp",
+    kind: str | ModelBuilder = "mlp",
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """A small classifier of the given kind, initialised from ``seed``.
+    """A classifier of the given kind (or from the given builder), initialised from ``seed``.
 
     Built on the CPU in float32 and then moved, so a seed gives the same
     initial weights on every device; the global RNG state is left untouched.
     """
-    build, _ = _kind(kind)
+    build = kind if callable(kind) else _kind(kind)[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build()
@@ -117,7 +133,11 @@ def make_batches(
 
 @dataclass
 class ParityResult:
-    """What :func:`train_side_by_side` observed; ``a`` is the reference."""
+    """What :func:`train_side_by_side` observed; ``a`` is the reference.
+
+    ``step_seconds_a``/``_b`` hold the wall time of each ``optimizer.step()``
+    when the harness was asked to time steps, and are empty otherwise.
+    """
 
     max_relative_error: float
     per_param: dict[str, float]
@@ -127,9 +147,17 @@ class ParityResult:
     model_b: nn.Module
     optimizer_a: torch.optim.Optimizer
     optimizer_b: torch.optim.Optimizer
+    step_seconds_a: list[float] = field(default_factory=list)
+    step_seconds_b: list[float] = field(default_factory=list)
 
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (``torch.cuda`` / ``torch.npu``); nothing to wait for on the CPU."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
 
 
 def _train_step(
@@ -137,6 +165,7 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     batch: tuple[Tensor, Tensor],
     set_to_none: bool | None,
+    step_seconds: list[float] | None,
 ) -> float:
     if set_to_none is None:
         optimizer.zero_grad()
@@ -147,7 +176,16 @@ def _train_step(
     # their own arithmetic, not in a half-precision softmax.
     loss = F.cross_entropy(model(inputs).float(), targets)
     loss.backward()
-    optimizer.step()
+    if step_seconds is None:
+        optimizer.step()
+    else:
+        # Only the step is timed, from an idle device to an idle device.
+        device = inputs.device
+        _synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        _synchronize(device)
+        step_seconds.append(time.perf_counter() - start)
     return loss.item()
 
 
@@ -155,31 +193,55 @@ def train_side_by_side(
     make_optimizer_a: OptimizerFactory,
     make_optimizer_b: OptimizerFactory,
     *,
-    model_kind: str = "mlp",
-    steps: int = 15,
+    model_kind: str | ModelBuilder = "mlp",
+    steps: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     zero_grad_set_to_none: bool | None = None,
     between_steps: Callable[[int, torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None,
+    batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+    time_steps: bool = False,
 ) -> ParityResult:
     """Train identical models with optimizers ``a`` and ``b``; compare parameters.
 
-    Each factory receives its model, so it may use ``parameters()``,
-    ``named_parameters()`` or build param groups. ``zero_grad_set_to_none``
-    ``None`` means each optimizer's default. ``between_steps(i, opt_a, opt_b)``
-    runs after step ``i`` (e.g. to advance LR schedulers).
+    ``model_kind`` names one of :data:`MODEL_KINDS` or is a zero-argument
+    builder; either way both models are built from ``seed`` (see
+    :func:`make_model`). Each factory receives its model, so it may use
+    ``parameters()``, ``named_parameters()`` or build param groups.
+
+    ``batches`` is any iterable of ``(inputs, targets)``, consumed once; each
+    batch is moved to ``device`` (floating-point inputs also to ``dtype``) and
+    fed to both models. Without it, ``make_batches`` draws random ones (which
+    needs a named ``model_kind``). ``steps`` caps the number of steps; ``None``
+    means every given batch, or 15 random ones.
+
+    ``zero_grad_set_to_none`` ``None`` means each optimizer's default.
+    ``between_steps(i, opt_a, opt_b)`` runs after step ``i`` (e.g. to advance
+    LR schedulers). ``time_steps`` records the wall time of every ``step()``,
+    with the device synchronised before and after it, in
+    ``ParityResult.step_seconds_a``/``_b``.
     """
+    device = torch.device(device)
     model_a = make_model(model_kind, seed=seed, dtype=dtype, device=device)
     model_b = make_model(model_kind, seed=seed, dtype=dtype, device=device)
     optimizer_a = make_optimizer_a(model_a)
     optimizer_b = make_optimizer_b(model_b)
     losses_a: list[float] = []
     losses_b: list[float] = []
-    batches = make_batches(model_kind, steps, seed=seed + 1, dtype=dtype, device=device)
-    for i, batch in enumerate(batches):
-        losses_a.append(_train_step(model_a, optimizer_a, batch, zero_grad_set_to_none))
-        losses_b.append(_train_step(model_b, optimizer_b, batch, zero_grad_set_to_none))
+    seconds_a: list[float] | None = [] if time_steps else None
+    seconds_b: list[float] | None = [] if time_steps else None
+    if batches is None:
+        if callable(model_kind):
+            raise ValueError("a model builder needs batches: pass batches=[(inputs, targets), ...]")
+        batches = make_batches(model_kind, 15 if steps is None else steps, seed=seed + 1, dtype=dtype, device=device)
+    elif steps is not None:
+        batches = itertools.islice(batches, steps)
+    for i, (inputs, targets) in enumerate(batches):
+        inputs = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
+        batch = (inputs, targets.to(device=device))
+        losses_a.append(_train_step(model_a, optimizer_a, batch, zero_grad_set_to_none, seconds_a))
+        losses_b.append(_train_step(model_b, optimizer_b, batch, zero_grad_set_to_none, seconds_b))
         if between_steps is not None:
             between_steps(i, optimizer_a, optimizer_b)
 
@@ -194,6 +256,8 @@ def train_side_by_side(
         model_b=model_b,
         optimizer_a=optimizer_a,
         optimizer_b=optimizer_b,
+        step_seconds_a=seconds_a or [],
+        step_seconds_b=seconds_b or [],
     )
 
 
