@@ -46,36 +46,34 @@ class FlatBucket:
         return [self.params, self.grads, *self.state.values()]
 
     def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
-        """``slot``'s region of ``flat``, shaped and strided like the parameter."""
-        return flat.as_strided(slot.shape, slot.stride, flat.storage_offset() + slot.offset)
+        """A new tensor for ``slot``'s region of ``flat``, shaped and strided like the parameter."""
+        return self.backend.view(flat, slot.offset, slot.param, slot.stride)
 
-    @staticmethod
-    def holds(flat: torch.Tensor, slot: Slot, tensor: torch.Tensor | None) -> bool:
-        """Whether ``tensor`` already is ``slot``'s region of ``flat`` (storage and offset are
-        compared rather than ``data_ptr()``, which is 0 for every numel-0 tensor)."""
+    def region(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """``slot``'s elements of ``flat`` as a 1-D slice (all ``storage_numel`` of them)."""
+        return flat[slot.offset : slot.end]
+
+    def holds(self, flat: torch.Tensor, slot: Slot, tensor: torch.Tensor | None) -> bool:
+        """Whether ``tensor`` already is bound to ``slot``'s region of ``flat``."""
         return (
             tensor is not None
             and tensor.layout == torch.strided
             and tensor.dtype == flat.dtype
             and tensor.device == flat.device
             and tensor.shape == slot.shape
-            and tuple(tensor.stride()) == slot.stride
-            and tensor.storage_offset() == flat.storage_offset() + slot.offset
-            and tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+            and self.backend.holds(flat, slot.offset, tensor, slot.stride)
         )
 
-    def bind_param(self, slot: Slot) -> None:
-        """Copy the parameter's values into its slot and re-point the parameter there."""
-        param = slot.param
-        with torch.no_grad():
-            self.view(self.params, slot).copy_(param)
-        self.backend.bind(param, self.params, slot.offset, slot.stride)
+    def bind_param(self, slot: Slot) -> bool:
+        """Move the parameter's values into its slot and bind the parameter there.
+        Returns whether the binding shares the flat storage (see :class:`Backend`)."""
+        return self.backend.adopt(slot.param, self.params, slot.offset, slot.stride)
 
     def bind_grad(self, slot: Slot, grad: torch.Tensor) -> None:
         """Copy ``grad`` into the slot's gradient region and make that region ``param.grad``."""
         view = self.view(self.grads, slot)
         with torch.no_grad():
-            view.copy_(grad)
+            view.copy_(self.backend.match_param(slot.param, grad))
         slot.param.grad = view
 
     def bind_state(self, name: str, slot: Slot, value: torch.Tensor | None) -> torch.Tensor:
@@ -83,5 +81,5 @@ class FlatBucket:
         view = self.view(self.state[name], slot)
         if value is not None:
             with torch.no_grad():
-                view.copy_(value)
+                view.copy_(self.backend.match_param(slot.param, value))
         return view

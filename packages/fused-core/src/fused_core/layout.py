@@ -90,9 +90,10 @@ class Layout:
                 self._check_slot_inputs(slot, state)
         self.buckets = [FlatBucket(plan, self.state_names) for plan in plans]
         self._launchers = dict(zip(self.buckets, launchers))
+        self._unshared: set[Slot] = set()
         for bucket in self.buckets:
             for slot in bucket.plan.slots:
-                bucket.bind_param(slot)
+                self._bind_param(bucket, slot)
                 if slot.param.grad is not None:
                     bucket.bind_grad(slot, slot.param.grad)
                 self._bind_states(bucket, slot, state, copy=True)
@@ -108,9 +109,11 @@ class Layout:
 
         Three cheap signals: the use count of every flat storage (any bound tensor re-pointed
         elsewhere drops it), the parameters that had no gradient (one may have got one), and
-        the first and last parameter of every run, whose gradient object and data pointer must
-        be the bound ones (this catches whole-model resets such as ``model.zero_grad()`` or
-        ``model.half()`` even while other references keep the old flat views alive).
+        sentinel parameters whose gradient object and data pointer must be the bound ones: the
+        first and last of every run (this catches whole-model resets such as
+        ``model.zero_grad()`` or ``model.half()`` even while other references keep the old flat
+        views alive) and every parameter whose binding does not share the flat storage (NPU
+        private formats), which the use counts cannot see.
         """
         for cdata, count in self._watched:
             if torch._C._storage_Use_Count(cdata) != count:
@@ -135,7 +138,7 @@ class Layout:
                 param = slot.param
                 if not bucket.holds(bucket.grads, slot, param.grad):
                     self._gradless.append(param)
-                    bucket.view(bucket.grads, slot).zero_()  # flat-gradient reductions see only live gradients
+                    bucket.region(bucket.grads, slot).zero_()  # flat-gradient reductions see only live gradients
                     previous_has_grad = False
                     continue
                 key = (slot.group, not all(name in state.get(param, {}) for name in self.state_names))
@@ -146,8 +149,8 @@ class Layout:
                 previous_has_grad = True
             launcher = self._launchers[bucket]
             self.runs += [Run(group, launcher, bucket, slots, first) for (group, first), slots in pending]
-        ends = {slot for run in self.runs for slot in (run.slots[0], run.slots[-1])}
-        self._sentinels = [(slot.param, slot.param.grad, slot.param.data_ptr()) for slot in ends]
+        watched = {slot for run in self.runs for slot in (run.slots[0], run.slots[-1])} | self._unshared
+        self._sentinels = [(slot.param, slot.param.grad, slot.param.data_ptr()) for slot in watched]
         cdatas = [buffer.untyped_storage()._cdata for bucket in self.buckets for buffer in bucket.buffers]
         self._watched = [(cdata, torch._C._storage_Use_Count(cdata)) for cdata in cdatas]
 
@@ -184,7 +187,7 @@ class Layout:
                         self._check_state(slot, name, value)
                         readopt_states.append((bucket, slot))
         for bucket, slot in readopt_params:
-            bucket.bind_param(slot)
+            self._bind_param(bucket, slot)
         for bucket, slot, grad in readopt_grads:
             bucket.bind_grad(slot, grad)
         for bucket, slot in readopt_states:
@@ -193,6 +196,13 @@ class Layout:
         return True
 
     # ----- helpers --------------------------------------------------------
+    def _bind_param(self, bucket: FlatBucket, slot: Slot) -> None:
+        """Bind a parameter; one whose binding the storage use count cannot watch becomes a sentinel."""
+        if bucket.bind_param(slot):
+            self._unshared.discard(slot)
+        else:
+            self._unshared.add(slot)
+
     def _check_slot_inputs(self, slot: Slot, state: State) -> None:
         if slot.param.grad is not None:
             check_grad(slot, slot.param.grad)

@@ -23,7 +23,15 @@ from ..errors import InvalidParameterError
 
 @dataclass(frozen=True)
 class Backend:
-    """Device-specific layout rules. Subclass and override for devices with special storage."""
+    """Device-specific layout rules; the defaults serve CPU and CUDA.
+
+    A tensor is *bound* to ``flat`` at element ``offset`` when it is the same object as
+    before, but its elements live in ``flat[offset : offset + storage_numel(tensor)]``.
+    Here binding shares ``flat``'s storage (``Tensor.set_``), so the flat storage's use
+    count sees every later re-pointing. A backend that must bind otherwise (NPU private
+    formats) returns False from :meth:`adopt`; the layout then checks that tensor's data
+    pointer at every step instead.
+    """
 
     device_type: str
     alignment_bytes: int = 1
@@ -37,10 +45,32 @@ class Backend:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return max(1, -(-self.alignment_bytes // itemsize))
 
-    def bind(self, tensor: torch.Tensor, flat: torch.Tensor, offset: int, stride: tuple[int, ...]) -> None:
-        """Re-point ``tensor`` (same object) at ``flat``'s storage from element ``offset``."""
+    def view(self, flat: torch.Tensor, offset: int, like: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+        """A new tensor shaped (and, where the device has formats, formatted) like ``like``,
+        bound to ``flat`` at ``offset``."""
+        return flat.as_strided(like.shape, stride, flat.storage_offset() + offset)
+
+    def adopt(self, tensor: torch.Tensor, flat: torch.Tensor, offset: int, stride: tuple[int, ...]) -> bool:
+        """Copy ``tensor``'s values into ``flat`` at ``offset`` and bind ``tensor`` (same object)
+        there. Returns whether the binding shares ``flat``'s storage."""
         with torch.no_grad():
+            self.view(flat, offset, tensor, stride).copy_(tensor)
             tensor.set_(flat.untyped_storage(), flat.storage_offset() + offset, tensor.shape, stride)
+        return True
+
+    def holds(self, flat: torch.Tensor, offset: int, tensor: torch.Tensor, stride: tuple[int, ...]) -> bool:
+        """Whether ``tensor`` (already checked for dtype, device and shape) is bound to ``flat`` at
+        ``offset``. Storage and offset are compared, not ``data_ptr()``, which is 0 for every
+        numel-0 tensor."""
+        return (
+            tuple(tensor.stride()) == stride
+            and tensor.storage_offset() == flat.storage_offset() + offset
+            and tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        )
+
+    def match_param(self, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a gradient or a state value) in the form ``param`` has in memory."""
+        return tensor
 
 
 _BUILTIN = {

@@ -1,13 +1,77 @@
-"""Ascend NPU backend. Imported only when an NPU tensor is seen; importing it imports torch_npu.
+"""Ascend NPU backend, imported only when an NPU tensor is seen (importing it imports torch_npu).
 
-torch_npu's own fused optimizers align every tensor to 512 bytes in the flat
-buffer; we do the same. Private storage formats are not handled yet (issue 7).
+What differs from CPU and CUDA (torch_npu's documented behaviour):
+
+* **Private storage formats.** A tensor may be stored in an NPU-private format (e.g.
+  NC1HWC0, FRACTAL_Z) whose storage holds more elements than ``numel`` (channel padding).
+  Slots are sized by ``torch_npu.get_storage_size(tensor)``, and gradients and state
+  tensors are cast to their parameter's format (``torch_npu.npu_format_cast``) before
+  they are copied into a slot, so the flat gradient and the flat parameter have the same
+  element order.
+* **Re-pointing.** A tensor in a private format is bound with torch_npu's own primitive,
+  ``torch_npu.npu_change_data_ptr(dst, src, offset)``, which keeps ``dst``'s format (a view
+  of the flat buffer would be a plain ND tensor). That binding does not share the flat
+  buffer's storage, so :meth:`adopt` returns False and the layout checks that parameter's
+  data pointer at every step. Tensors in the base (ND) format are bound with
+  ``Tensor.set_`` like on CPU and are watched through the storage use count.
+* **Alignment.** Every slot starts on a 512-byte boundary, the granularity of the NPU
+  caching allocator, so a parameter in the flat buffer is as aligned as one allocated alone.
 """
 
 from __future__ import annotations
 
-import torch_npu  # type: ignore[import-not-found]  # noqa: F401  (registers the npu device)
+from dataclasses import dataclass
 
+import torch
+
+from ..errors import InvalidParameterError
 from . import Backend
 
-BACKEND = Backend("npu", alignment_bytes=512)
+try:
+    import torch_npu  # type: ignore[import-not-found]
+except Exception as error:  # absent, or present without Ascend's CANN libraries
+    raise InvalidParameterError(
+        "device type 'npu' needs torch_npu (pip install 'fused-core[npu]' on a machine with "
+        f"Ascend's CANN toolkit); importing it failed: {error}"
+    ) from error
+
+BASE_FORMATS = frozenset({-1, 0, 1, 2})
+"""torch_npu's format ids for plain layouts (undefined, NCHW, NHWC, ND): element order = logical order."""
+
+
+def npu_format(tensor: torch.Tensor) -> int:
+    return int(torch_npu.get_npu_format(tensor))
+
+
+@dataclass(frozen=True)
+class NpuBackend(Backend):
+    def storage_numel(self, tensor: torch.Tensor) -> int:
+        return int(torch_npu.get_storage_size(tensor))
+
+    def view(self, flat: torch.Tensor, offset: int, like: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+        if npu_format(like) in BASE_FORMATS:
+            return super().view(flat, offset, like, stride)
+        tensor = torch_npu.npu_format_cast(torch.empty_like(like), npu_format(like))
+        torch_npu.npu_change_data_ptr(tensor, flat, flat.storage_offset() + offset)
+        return tensor
+
+    def adopt(self, tensor: torch.Tensor, flat: torch.Tensor, offset: int, stride: tuple[int, ...]) -> bool:
+        if npu_format(tensor) in BASE_FORMATS:
+            return super().adopt(tensor, flat, offset, stride)
+        with torch.no_grad():
+            values = tensor.clone()
+            torch_npu.npu_change_data_ptr(tensor, flat, flat.storage_offset() + offset)
+            tensor.copy_(values)
+        return False
+
+    def holds(self, flat: torch.Tensor, offset: int, tensor: torch.Tensor, stride: tuple[int, ...]) -> bool:
+        if npu_format(tensor) in BASE_FORMATS:
+            return super().holds(flat, offset, tensor, stride)
+        return tensor.data_ptr() == flat.data_ptr() + offset * flat.element_size()
+
+    def match_param(self, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        wanted = npu_format(param)
+        return tensor if npu_format(tensor) == wanted else torch_npu.npu_format_cast(tensor, wanted)
+
+
+BACKEND = NpuBackend("npu", alignment_bytes=512)
