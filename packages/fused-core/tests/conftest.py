@@ -29,9 +29,8 @@ from torch.optim.optimizer import required
 import fused_core
 from fused_core import FusedOptimizer, hookimpl
 from fused_core.hyperparams import LearningRate, NonNegativeReal
+from fused_core.kernels import as_float, in_fp32_chunks
 from fused_core.plugins import DISABLE_AUTOLOAD_ENV, PluginRegistry
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class SignumHyperparams(BaseModel):
@@ -41,9 +40,14 @@ class SignumHyperparams(BaseModel):
     beta: Annotated[NonNegativeReal, Field(lt=1)] = 0.9
 
 
-def _lr(hp: Mapping[str, Any]) -> float:
-    lr = hp["lr"]
-    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+def _signum_update(
+    param: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, beta: float, lr: float, first_step: bool
+) -> None:
+    if first_step:
+        torch.mul(grad, 1 - beta, out=momentum)
+    else:
+        momentum.mul_(beta).add_(grad, alpha=1 - beta)
+    param.add_(torch.sign(momentum), alpha=-lr)
 
 
 def signum_kernel(
@@ -54,20 +58,8 @@ def signum_kernel(
     first_step: bool,
 ) -> None:
     """Signum on flat slices; fp16/bf16 slices are computed in fp32 and rounded once."""
-    beta, lr = hp["beta"], _lr(hp)
-    momentum = state["momentum"]
-    low = params.dtype in LOW_PRECISION
-    p = params.float() if low else params
-    g = grads.float() if low else grads
-    m = momentum.float() if low else momentum
-    if first_step:
-        torch.mul(g, 1 - beta, out=m)
-    else:
-        m.mul_(beta).add_(g, alpha=1 - beta)
-    p.add_(torch.sign(m), alpha=-lr)
-    if low:
-        params.copy_(p)
-        momentum.copy_(m)
+    beta, lr = hp["beta"], as_float(hp["lr"])
+    in_fp32_chunks(lambda p, g, m: _signum_update(p, g, m, beta, lr, first_step), params, grads, state["momentum"])
 
 
 class Signum(FusedOptimizer):
@@ -135,7 +127,7 @@ class ReferenceSignum(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, beta = _lr(group), group["beta"]
+            lr, beta = as_float(group["lr"]), group["beta"]
             for p in group["params"]:
                 if p.grad is None:
                     continue

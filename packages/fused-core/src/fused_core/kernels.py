@@ -48,6 +48,44 @@ class Launcher(Protocol):
     ) -> None: ...
 
 
+LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
+FP32_CHUNK = 1 << 18
+"""Elements per fp32 chunk in :func:`in_fp32_chunks`: a few such chunks stay in a core's cache."""
+
+
+def as_float(value: Any) -> float:
+    """A hyperparameter that may be a one-element tensor (``lr``), as a Python float."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def in_fp32_chunks(
+    update: Callable[..., None],
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    *state: torch.Tensor | None,
+    chunk: int = FP32_CHUNK,
+) -> None:
+    """Run ``update(params, grads, *state)`` so that fp16/bf16 slices are computed in fp32.
+
+    Low-precision slices are processed ``chunk`` elements at a time: fp32 copies are
+    updated in place and ``params`` and ``state`` are rounded back once (``grads`` are
+    only read; ``None`` state entries pass through). Other dtypes are updated directly.
+    A plugin's launcher wraps its update in this to get one rounding per step.
+    """
+    if params.dtype not in LOW_PRECISION:
+        update(params, grads, *state)
+        return
+    for start in range(0, params.numel(), chunk):
+        part = slice(start, start + chunk)
+        pieces = [None if t is None else t[part].float() for t in state]
+        param32 = params[part].float()
+        update(param32, grads[part].float(), *pieces)
+        params[part].copy_(param32)
+        for t, piece in zip(state, pieces):
+            if t is not None and piece is not None:
+                t[part].copy_(piece)
+
+
 DtypeFilter = Collection[torch.dtype] | Callable[[torch.device, torch.dtype], bool] | None
 
 

@@ -26,18 +26,12 @@ Three launchers implement it:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-CHUNK = 1 << 18
-"""Elements per fp32 chunk of the low-precision path: 3 chunks stay within a core's cache."""
-
-
-def _scalar(value: Any) -> float:
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+from fused_core.kernels import LOW_PRECISION, as_float, in_fp32_chunks
 
 
 def _update(
@@ -54,24 +48,7 @@ def _update(
         else:
             buf.mul_(momentum).add_(d_p, alpha=1 - hp["dampening"])
         d_p = d_p.add(buf, alpha=momentum) if hp["nesterov"] else buf
-    param.add_(d_p, alpha=-_scalar(hp["lr"]))
-
-
-def _in_fp32_chunks(
-    params: torch.Tensor,
-    grads: torch.Tensor,
-    buf: torch.Tensor | None,
-    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None],
-) -> None:
-    """Run ``update`` on fp32 copies of CHUNK-sized pieces of low-precision slices, rounding back once."""
-    for start in range(0, params.numel(), CHUNK):
-        part = slice(start, start + CHUNK)
-        param32 = params[part].float()
-        buf32 = None if buf is None else buf[part].float()
-        update(param32, grads[part].float(), buf32)
-        params[part].copy_(param32)
-        if buf is not None and buf32 is not None:
-            buf[part].copy_(buf32)
+    param.add_(d_p, alpha=-as_float(hp["lr"]))
 
 
 def _momentum_buffer(state: Mapping[str, torch.Tensor], hp: Mapping[str, Any]) -> torch.Tensor | None:
@@ -86,11 +63,7 @@ def sgd_composite(
     first_step: bool,
 ) -> None:
     """SGD from torch ops; low-precision slices go through fp32 chunk by chunk."""
-    buf = _momentum_buffer(state, hp)
-    if params.dtype in LOW_PRECISION:
-        _in_fp32_chunks(params, grads, buf, lambda p, g, b: _update(p, g, b, hp, first_step))
-    else:
-        _update(params, grads, buf, hp, first_step)
+    in_fp32_chunks(lambda p, g, b: _update(p, g, b, hp, first_step), params, grads, _momentum_buffer(state, hp))
 
 
 def _fused_op(
@@ -102,7 +75,7 @@ def _fused_op(
         [] if buf is None else [buf],
         weight_decay=hp["weight_decay"],
         momentum=hp["momentum"],
-        lr=_scalar(hp["lr"]),
+        lr=as_float(hp["lr"]),
         dampening=hp["dampening"],
         nesterov=hp["nesterov"],
         maximize=hp["maximize"],
@@ -129,7 +102,7 @@ def sgd_native_fused_fp32_chunks(
     first_step: bool,
 ) -> None:
     """fp16/bf16 slices through torch's fp32 fused op, chunk by chunk."""
-    _in_fp32_chunks(params, grads, _momentum_buffer(state, hp), lambda p, g, b: _fused_op(p, g, b, hp, first_step))
+    in_fp32_chunks(lambda p, g, b: _fused_op(p, g, b, hp, first_step), params, grads, _momentum_buffer(state, hp))
 
 
 def fp32_native_fused_serves(device: torch.device, dtype: torch.dtype) -> bool:
