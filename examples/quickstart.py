@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from fused_sgd import FusedSGD
 from fused_testing.parity import assert_parity, train_side_by_side
 
