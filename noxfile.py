@@ -1,6 +1,6 @@
 """Test orchestration: one session per package, each in its own virtualenv.
 
-`nox` runs the default sessions (every package's tests, then lint). torch is
+`nox` runs the default sessions (every package's tests, lint, then the docs). torch is
 installed first, pinned by FUSED_OPTIM_TORCH (default: torch==2.13.0, the CPU
 build CI uses), so no package's torch range can pull a different build.
 """
@@ -8,16 +8,26 @@ build CI uses), so no package's torch range can pull a different build.
 from __future__ import annotations
 
 import os
+import sys
 
 import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["core", "sgd", "testing", "cli", "lint"]
+# The docs toolchain (mkdocstrings 1.0, mkdocstrings-python 2) needs Python 3.11+: on 3.10 the
+# docs are not a default session (CI builds them on 3.11), rather than a skipped one.
+nox.options.sessions = ["core", "sgd", "testing", "cli", "lint"] + (["docs"] if sys.version_info >= (3, 11) else [])
 
 TORCH = os.environ.get("FUSED_OPTIM_TORCH", "torch==2.13.0")
 CORE, SGD, TESTING = "./packages/fused-core", "./packages/fused-sgd", "./packages/testing-utils"
 CLI = "./packages/fused-optim"
+DOCS_TOOLS = (
+    "mkdocs>=1.6,<2",
+    "mkdocs-material>=9.6,<10",
+    "mkdocstrings[python]>=1.0,<2",
+    "mkdocstrings-python>=2,<3",
+    "ruff>=0.6",  # formats the signatures on API pages
+)
 
 
 def install(session: nox.Session, *packages: str) -> None:
@@ -60,3 +70,13 @@ def lint(session: nox.Session) -> None:
     install(session, SGD, "ruff>=0.6", "mypy>=1.10")
     session.run("ruff", "check", ".")
     session.run("mypy", "packages/fused-core/src/fused_core", "packages/fused-sgd/src/fused_sgd")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, built with `mkdocs build --strict` (a broken link, anchor, snippet or
+    docstring reference fails), then the scripts in docs/examples that its pages show."""
+    install(session, SGD, CLI, *DOCS_TOOLS)
+    site = os.path.join(session.create_tmp(), "site")
+    session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run("pytest", "-q", "docs/examples")
