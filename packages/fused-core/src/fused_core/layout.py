@@ -91,6 +91,7 @@ class Layout:
         self.buckets = [FlatBucket(plan, self.state_names) for plan in plans]
         self._launchers = dict(zip(self.buckets, launchers))
         self._unshared: set[Slot] = set()
+        self._formats: dict[Slot, object] = {}
         for bucket in self.buckets:
             for slot in bucket.plan.slots:
                 self._bind_param(bucket, slot)
@@ -175,6 +176,8 @@ class Layout:
                         )
                     if param.device != bucket.plan.device or param.dtype != bucket.plan.dtype:
                         return False
+                    if bucket.backend.layout_of(param) != self._formats[slot]:
+                        return False  # another memory format: another slot size and binding
                     readopt_params.append((bucket, slot))
                 grad = param.grad
                 if grad is not None and not bucket.holds(bucket.grads, slot, grad):
@@ -198,6 +201,7 @@ class Layout:
     # ----- helpers --------------------------------------------------------
     def _bind_param(self, bucket: FlatBucket, slot: Slot) -> None:
         """Bind a parameter; one whose binding the storage use count cannot watch becomes a sentinel."""
+        self._formats[slot] = bucket.backend.layout_of(slot.param)
         if bucket.bind_param(slot):
             self._unshared.discard(slot)
         else:

@@ -72,6 +72,11 @@ class Backend:
         """``tensor`` (a gradient or a state value) in the form ``param`` has in memory."""
         return tensor
 
+    def layout_of(self, tensor: torch.Tensor) -> object:
+        """The memory format that decides a tensor's slot size and binding (None: the plain one).
+        A parameter re-allocated in another format needs a new layout, not a re-adoption."""
+        return None
+
 
 _BUILTIN = {
     "cpu": Backend("cpu"),
@@ -87,7 +92,8 @@ KNOWN_DEVICE_TYPES = frozenset(_BUILTIN) | frozenset(_LAZY)
 
 def get_backend(device: torch.device | str) -> Backend:
     """The backend of ``device``'s type, importing lazy backends (npu) on first use."""
-    device_type = torch.device(device).type
+    # str(device): torch.device("npu") itself fails when torch_npu is not loaded
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
     if device_type not in _loaded:
         if device_type not in _LAZY:
             raise InvalidParameterError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import InvalidParameterError
 from . import Backend
@@ -39,20 +40,34 @@ BASE_FORMATS = frozenset({-1, 0, 1, 2})
 """torch_npu's format ids for plain layouts (undefined, NCHW, NHWC, ND): element order = logical order."""
 
 
+_REPOINTED_INTO = WeakIdKeyDictionary()
+"""tensor -> the flat buffer it was re-pointed into. ``npu_change_data_ptr`` does not own the
+memory it points at, so each such tensor keeps its flat buffer alive (the optimizer may go first)."""
+
+
 def npu_format(tensor: torch.Tensor) -> int:
     return int(torch_npu.get_npu_format(tensor))
+
+
+def repoint(tensor: torch.Tensor, flat: torch.Tensor, offset: int) -> None:
+    """torch_npu's re-pointing primitive, with ``flat`` kept alive as long as ``tensor``."""
+    torch_npu.npu_change_data_ptr(tensor, flat, flat.storage_offset() + offset)
+    _REPOINTED_INTO[tensor] = flat
 
 
 @dataclass(frozen=True)
 class NpuBackend(Backend):
     def storage_numel(self, tensor: torch.Tensor) -> int:
+        # An ND tensor bound with set_ reports the whole flat buffer's storage size.
+        if npu_format(tensor) in BASE_FORMATS:
+            return tensor.numel()
         return int(torch_npu.get_storage_size(tensor))
 
     def view(self, flat: torch.Tensor, offset: int, like: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
         if npu_format(like) in BASE_FORMATS:
             return super().view(flat, offset, like, stride)
         tensor = torch_npu.npu_format_cast(torch.empty_like(like), npu_format(like))
-        torch_npu.npu_change_data_ptr(tensor, flat, flat.storage_offset() + offset)
+        repoint(tensor, flat, offset)
         return tensor
 
     def adopt(self, tensor: torch.Tensor, flat: torch.Tensor, offset: int, stride: tuple[int, ...]) -> bool:
@@ -60,7 +75,7 @@ class NpuBackend(Backend):
             return super().adopt(tensor, flat, offset, stride)
         with torch.no_grad():
             values = tensor.clone()
-            torch_npu.npu_change_data_ptr(tensor, flat, flat.storage_offset() + offset)
+            repoint(tensor, flat, offset)
             tensor.copy_(values)
         return False
 
@@ -70,8 +85,14 @@ class NpuBackend(Backend):
         return tensor.data_ptr() == flat.data_ptr() + offset * flat.element_size()
 
     def match_param(self, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        # state carried over from another device (a CPU -> NPU move) must be on the NPU first
+        tensor = tensor.to(param.device)
         wanted = npu_format(param)
         return tensor if npu_format(tensor) == wanted else torch_npu.npu_format_cast(tensor, wanted)
+
+    def layout_of(self, tensor: torch.Tensor) -> object:
+        fmt = npu_format(tensor)
+        return None if fmt in BASE_FORMATS else fmt
 
 
 BACKEND = NpuBackend("npu", alignment_bytes=512)
