@@ -27,6 +27,7 @@ from torch.optim.optimizer import required
 
 from .backends import get_backend
 from .buckets import Slot
+from .distributed import check_not_dtensor
 from .errors import InvalidParameterError
 from .hyperparams import validate_group
 from .layout import Layout
@@ -114,6 +115,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_param(param: torch.Tensor, where: str) -> None:
+        check_not_dtensor(param, where)
         if not param.is_floating_point():
             raise InvalidParameterError(f"{where}: dtype {param.dtype} is not a real floating-point dtype")
         if param.is_meta:

@@ -27,7 +27,7 @@ class Backend:
 
     A tensor is *bound* to ``flat`` at element ``offset`` when it is the same object as
     before, but its elements live in ``flat[offset : offset + storage_numel(tensor)]``.
-    Here binding shares ``flat``'s storage (``Tensor.set_``), so the flat storage's use
+    Here binding shares ``flat``'s storage (``tensor.data = view``), so the flat storage's use
     count sees every later re-pointing. A backend that must bind otherwise (NPU private
     formats) returns False from :meth:`adopt`; the layout then checks that tensor's data
     pointer at every step instead.
@@ -54,8 +54,11 @@ class Backend:
         """Copy ``tensor``'s values into ``flat`` at ``offset`` and bind ``tensor`` (same object)
         there. Returns whether the binding shares ``flat``'s storage."""
         with torch.no_grad():
-            self.view(flat, offset, tensor, stride).copy_(tensor)
-            tensor.set_(flat.untyped_storage(), flat.storage_offset() + offset, tensor.shape, stride)
+            view = self.view(flat, offset, tensor, stride)
+            view.copy_(tensor)
+            # ``.data =``, not ``set_``: ``set_`` gives a leaf a new gradient accumulator, which
+            # silently drops the hooks DDP registered on the old one.
+            tensor.data = view
         return True
 
     def holds(self, flat: torch.Tensor, offset: int, tensor: torch.Tensor, stride: tuple[int, ...]) -> bool:

@@ -1,0 +1,43 @@
+"""Fixtures of the distributed tests: pools of real ranks (see rank_pool.py).
+
+These tests spawn processes that join a gloo process group, so they run in their own
+nox session (``nox -s distributed``), not with fused-sgd's unit tests.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The helper modules next to the tests (rank_pool, dist_training) are imported by name, in
+# this process and in the spawned ranks (which inherit sys.path).
+sys.path.insert(0, str(Path(__file__).parent))
+
+from rank_pool import RankPool, RankPools  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rank_pools() -> Iterator[RankPools]:
+    pools = RankPools()
+    yield pools
+    pools.close()
+
+
+@pytest.fixture(params=[2, 4], ids=lambda n: f"{n}ranks")
+def ranks(request: pytest.FixtureRequest, rank_pools: RankPools) -> RankPool:
+    """A pool of 2, then 4 ranks: the test runs once with each."""
+    return rank_pools.get(request.param)
+
+
+@pytest.fixture
+def two_ranks(rank_pools: RankPools) -> RankPool:
+    return rank_pools.get(2)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # torch.distributed.optim scripts its functional optimizers when imported (torch's own warning).
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.interface` is deprecated:DeprecationWarning")
