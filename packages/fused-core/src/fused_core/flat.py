@@ -7,7 +7,6 @@ Binding re-points a tensor at its slice: a parameter keeps its identity
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -32,14 +31,14 @@ class FlatBucket:
         self.params = make()
         self.grads = make()
         self.state = {name: make() for name in state_names}
-
-    NORM_CHUNK = 1 << 15
-    """Elements per chunk of :attr:`grad_chunks`."""
-
-    @functools.cached_property
-    def grad_chunks(self) -> list[torch.Tensor]:
+        # Made here, not on first use, so the layout's use-count snapshot includes these views.
+        self.grad_chunks = list(self.grads.split(self.NORM_CHUNK))
         """The flat gradient buffer as fixed-size views, for chunked reductions (gradient norms)."""
-        return list(self.grads.split(self.NORM_CHUNK))
+
+    NORM_CHUNK = 1 << 17
+    """Elements per chunk of :attr:`grad_chunks`: a single norm over millions of elements
+    accumulates visible rounding error on the CPU (1e-2 relative over 124 M fp32 elements
+    with torch 2.13), one per 128 Ki elements stays below 1e-6."""
 
     @property
     def buffers(self) -> list[torch.Tensor]:
