@@ -95,6 +95,15 @@ def cli(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """`fused-optim bench --quick` (resnet50 and 20k-small, 3 rounds); never a default session.
+    Its JSON goes to the session's tmp dir (or pass `-- --json PATH` and other bench options)."""
+    install(session, f"{CLI}[plot]")
+    report = os.path.join(session.create_tmp(), "bench.json")
+    session.run("fused-optim", "bench", "--quick", "--json", report, *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the tree, and mypy over the public API of fused_core and fused_sgd."""
     install(session, SGD, "ruff>=0.6", "mypy>=1.10")

@@ -126,6 +126,25 @@ def test_json_to_stdout_keeps_the_table_on_stderr(tiny_sets, capsys: pytest.Capt
     assert "| tiny | fp32 | FusedSGD |" in captured.err
 
 
+def test_distributed_times_both_methods_per_set(tiny_sets, tmp_path: Path) -> None:
+    out = tmp_path / "distributed.json"
+    argv = ["bench", "--distributed", "2", "--sets", *TINY_SETS, "--rounds", "1", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "distributed" and result["settings"]["ranks"] == 2
+    assert set(result["results"]) == set(TINY_SETS)  # shapes resolved in the parent reach the ranks
+    for measured in result["results"].values():
+        assert {"local", "all_reduce_grads", "ddp", "ddp+torch"} <= set(measured)
+        assert measured["all_reduce_grads"]["sync_ms"] > 0 and measured["ddp"]["step_ms"] > 0
+
+
+def test_distributed_needs_two_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--distributed", "1"])
+    assert exit_info.value.code == 2
+    assert "at least 2 ranks" in capsys.readouterr().err
+
+
 def test_unknown_set_is_an_error_naming_the_known_sets(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--sets", "resnet51"])

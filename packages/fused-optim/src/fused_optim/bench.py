@@ -6,6 +6,9 @@ Rounds are interleaved: each round runs every competitor once per op, in an orde
 each round; medians are over rounds and ratios (competitor / FusedSGD) are computed per round, then
 medianed. Bandwidth is compared with the limit measured in the same run: a.add_(b) over fp32 buffers
 larger than the last-level cache, probed at the start and after each (set, dtype), best repetition.
+
+With --distributed N it times gradient averaging instead: fused_core.distributed.all_reduce_grads
+against DDP, N gloo ranks over loopback (see fused_optim.bench_distributed).
 """
 
 from __future__ import annotations
@@ -86,13 +89,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 2.0)",
     )
     parser.add_argument("--slow-rounds", type=_positive_int, default=3, help="see --max-op-seconds (default: 3)")
-    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch.set_num_threads (default: torch's own choice; with --distributed: 1 per rank)",
+    )
+    parser.add_argument(
+        "--distributed",
+        type=_ranks,
+        metavar="N",
+        help="instead: time a training step's gradient averaging, fused_core.distributed.all_reduce_grads "
+        "against DDP, with N >= 2 gloo ranks over loopback on the CPU (fp32; uses --sets, --rounds, --json)",
+    )
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _ranks(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 ranks, got {value}")
     return value
 
 
@@ -170,6 +191,8 @@ def _machine(device: torch.device, load: list[float] | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.distributed:
+        return _run_distributed(args)
     try:
         device = _device(args.device)
         if args.plot:
@@ -236,21 +259,61 @@ def run(args: argparse.Namespace) -> int:
     result["bandwidth_limit"] = bandwidth_limit(probes, args.bandwidth_mib)
     _against_limit(result)
 
-    table = bench_report.markdown(result)
-    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        text = json.dumps(result, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as out:
-                out.write(text + "\n")
-            print(f"fused-optim bench: wrote {args.json}", file=sys.stderr)
+    _report(bench_report.markdown(result), result, args.json)
     if args.plot:
         from . import bench_plot
 
         bench_plot.plot(result, args.plot)
         print(f"fused-optim bench: wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _report(table: str, result: dict[str, Any], json_path: str | None) -> None:
+    """Print the table (to stderr when the JSON goes to stdout) and write the JSON if asked."""
+    print(table, file=sys.stderr if json_path == "-" else sys.stdout)
+    if json_path:
+        text = json.dumps(result, indent=1)
+        if json_path == "-":
+            print(text)
+        else:
+            with open(json_path, "w") as out:
+                out.write(text + "\n")
+            print(f"fused-optim bench: wrote {json_path}", file=sys.stderr)
+
+
+def _run_distributed(args: argparse.Namespace) -> int:
+    """``--distributed N``: all_reduce_grads against DDP, N gloo ranks on the CPU (bench_distributed)."""
+    if args.device != "cpu" or args.plot:
+        option = "--plot" if args.plot else f"--device {args.device}"
+        print(f"fused-optim bench: --distributed runs gloo on the CPU, without {option}", file=sys.stderr)
+        return 2
+    from . import bench_distributed
+
+    sets = list(dict.fromkeys(args.sets or (list(QUICK_SETS) if args.quick else list(SHAPE_SETS))))
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    threads = args.threads or 1
+    load = _loadavg()
+    shapes = {name: list(SHAPE_SETS[name]()) for name in sets}  # resolved here: spawned ranks see only these
+    print(f"fused-optim bench: {args.distributed} ranks, {rounds} rounds, {', '.join(sets)}", file=sys.stderr)
+    measured = bench_distributed.run(shapes, args.distributed, rounds, threads=threads)
+    result: dict[str, Any] = {
+        "schema": 1,
+        "kind": "distributed",
+        "machine": {**_machine(torch.device("cpu"), load), "torch_threads": threads, "loadavg_end": _loadavg()},
+        "settings": {
+            "ranks": args.distributed,
+            "sets": sets,
+            "dtype": "fp32",
+            "rounds": rounds,
+            "steps_per_round": bench_distributed.STEPS,
+            "quick": args.quick,
+            "backend": "gloo",
+            "hyperparameters": bench_distributed.HYPERPARAMETERS,
+        },
+        "scenarios": list(bench_distributed.SCENARIOS),
+        "results": measured,
+    }
+    _report(bench_distributed.table(measured, args.distributed), result, args.json)
     return 0
 
 

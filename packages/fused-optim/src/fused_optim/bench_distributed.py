@@ -1,10 +1,11 @@
 """Gradient averaging per training step: fused_core.distributed.all_reduce_grads against DDP.
 
-    python packages/fused-sgd/tests_distributed/bench_grad_sync.py --ranks 2 --sets resnet50 20k-small
+    fused-optim bench --distributed 2 --sets resnet50 20k-small
 
-Spawns ``--ranks`` processes (gloo over loopback, one thread each) that train a model made of
-one parameter per shape of a shape set (fused_testing.shapes.SHAPE_SETS; the loss touches every
-parameter once) with FusedSGD, four ways, in interleaved rounds:
+Spawns N processes (gloo over loopback, a file store in a temporary directory, one thread each
+unless --threads says otherwise) that train a model made of one fp32 parameter per shape of a
+shape set (fused_testing.shapes.SHAPE_SETS; the loss touches every parameter once) with
+FusedSGD, four ways, in interleaved rounds:
 
 * ``local``: no gradient averaging at all (the floor);
 * ``all_reduce_grads``: ``backward(); all_reduce_grads(optimizer); step()``, one all-reduce per bucket;
@@ -18,14 +19,12 @@ the step time minus ``local``'s (for all_reduce_grads, its own call is timed too
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,19 +35,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fused_core.distributed import all_reduce_grads
 from fused_sgd import FusedSGD
-from fused_testing.shapes import SHAPE_SETS, make_params
+from fused_testing.shapes import make_params
 
 HYPERPARAMETERS: dict[str, Any] = dict(lr=1e-4, momentum=0.9, weight_decay=1e-4)
 SCENARIOS = ("local", "all_reduce_grads", "ddp", "ddp+torch")
+STEPS = 4
+"""Timed steps per scenario and round."""
 LOOPBACK = "lo0" if sys.platform == "darwin" else "lo"
+
+Measured = dict[str, dict[str, float]]
+"""Per scenario: ``step_ms``, ``sync_ms`` and ``overhead_ms`` (medians, slowest rank)."""
 
 
 class ShapeModel(nn.Module):
     """One parameter per shape; the loss is sum_i scale * sum(p_i), so backward writes every gradient."""
 
-    def __init__(self, shape_set: str) -> None:
+    def __init__(self, shapes: Sequence[torch.Size]) -> None:
         super().__init__()
-        self.weights = nn.ParameterList(make_params(SHAPE_SETS[shape_set]()))
+        self.weights = nn.ParameterList(make_params(shapes))
 
     def forward(self, scale: torch.Tensor) -> torch.Tensor:
         return torch.stack([weight.sum() for weight in self.weights]).sum() * scale
@@ -58,8 +62,8 @@ Step = Callable[[torch.Tensor], float]
 """One training step on this rank; returns the seconds spent averaging gradients (0 if not separable)."""
 
 
-def make_step(scenario: str, shape_set: str) -> Step:
-    model = ShapeModel(shape_set)
+def make_step(scenario: str, shapes: Sequence[torch.Size]) -> Step:
+    model = ShapeModel(shapes)
     if scenario == "ddp+torch":
         wrapped: nn.Module = DDP(model)
         optimizer: torch.optim.Optimizer = torch.optim.SGD(wrapped.parameters(), foreach=True, **HYPERPARAMETERS)
@@ -89,9 +93,9 @@ def slowest(values: list[float]) -> list[float]:
     return torch.stack(gathered).max(dim=0).values.tolist()
 
 
-def measure(shape_set: str, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+def measure(shapes: Sequence[torch.Size], rounds: int, steps: int = STEPS) -> Measured:
     """On every rank: median step and averaging time (ms, slowest rank) per scenario."""
-    step_of = {scenario: make_step(scenario, shape_set) for scenario in SCENARIOS}
+    step_of = {scenario: make_step(scenario, shapes) for scenario in SCENARIOS}
     scale = torch.tensor(1.0 + dist.get_rank())
     for step in step_of.values():  # warm-up: layouts, DDP's bucket rebuild
         step(scale)
@@ -118,67 +122,59 @@ def measure(shape_set: str, rounds: int, steps: int) -> dict[str, dict[str, floa
     return result
 
 
-def _rank(rank: int, world_size: int, store: str, args: argparse.Namespace, results: Any) -> None:
+def _rank(
+    rank: int,
+    world_size: int,
+    store: str,
+    sets: dict[str, list[torch.Size]],
+    rounds: int,
+    steps: int,
+    threads: int,
+    results: Any,
+) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        for shape_set in args.sets:
-            measured = measure(shape_set, args.rounds, args.steps)
+        for name, shapes in sets.items():
+            measured = measure(shapes, rounds, steps)
             if rank == 0:
-                results.put((shape_set, measured))
+                results.put((name, measured))
     finally:
         dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
-    """Spawn the ranks; the measurements by shape set."""
+def run(
+    sets: dict[str, list[torch.Size]], ranks: int, rounds: int, steps: int = STEPS, threads: int = 1
+) -> dict[str, Measured]:
+    """Spawn the ranks; the measurements by shape set. ``sets`` maps names to shapes (resolved here,
+    in the parent, so sets registered at run time reach the spawned ranks too)."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     with tempfile.TemporaryDirectory() as directory:
         mp.start_processes(
             _rank,
-            args=(args.ranks, os.path.join(directory, "store"), args, results),
-            nprocs=args.ranks,
+            args=(ranks, os.path.join(directory, "store"), sets, rounds, steps, threads, results),
+            nprocs=ranks,
             join=True,
             start_method="spawn",
         )
     measured = {}
     while not results.empty():
-        shape_set, result = results.get()
-        measured[shape_set] = result
+        name, result = results.get()
+        measured[name] = result
     return measured
 
 
-def table(measured: dict[str, dict[str, dict[str, float]]], ranks: int) -> str:
+def table(measured: dict[str, Measured], ranks: int) -> str:
     lines = [
         f"| shape set ({ranks} ranks) | " + " | ".join(SCENARIOS) + " | all_reduce_grads call |",
         "|---|" + "---|" * (len(SCENARIOS) + 1),
     ]
-    for shape_set, result in measured.items():
+    for name, result in measured.items():
         cells = [
-            f"{result[s]['step_ms']:.1f} ms" + (f" (+{result[s]['overhead_ms']:.1f})" if s != "local" else "")
+            f"{result[s]['step_ms']:.1f} ms" + (f" ({result[s]['overhead_ms']:+.1f})" if s != "local" else "")
             for s in SCENARIOS
         ]
-        lines.append(f"| {shape_set} | " + " | ".join(cells) + f" | {result['all_reduce_grads']['sync_ms']:.1f} ms |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['all_reduce_grads']['sync_ms']:.1f} ms |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2, help="processes (default: 2)")
-    parser.add_argument("--sets", nargs="+", choices=list(SHAPE_SETS), default=["resnet50", "20k-small"])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per scenario and round (default: 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
-    parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
-    args = parser.parse_args(argv)
-    measured = run(args)
-    print(table(measured, args.ranks))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"ranks": args.ranks, "torch": torch.__version__, "results": measured}, file, indent=2)
-
-
-if __name__ == "__main__":
-    main()
