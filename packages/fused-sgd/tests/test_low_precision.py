@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fused_core import registry
+from fused_core.kernels import FP32_CHUNK
 from fused_sgd import FusedSGD
 from fused_sgd.kernels import (
     fp32_native_fused_serves,
@@ -81,11 +82,18 @@ LAUNCHERS = {
 ROUTES = [(dtype, launcher) for dtype in DTYPES for launcher in LAUNCHERS]
 
 
-@pytest.mark.parametrize("numel", [4096, 4097, 300_007])
+MANY_CHUNKS = 1_200_007
+
+
+def test_the_large_case_spans_several_chunks() -> None:
+    assert MANY_CHUNKS > 2 * FP32_CHUNK
+
+
+@pytest.mark.parametrize("numel", [4096, 4097, MANY_CHUNKS])
 @pytest.mark.parametrize("dtype,launcher", ROUTES, ids=lambda x: getattr(x, "__name__", str(x)))
 def test_every_served_kernel_path(dtype: torch.dtype, launcher, numel: int) -> None:
     """Each launcher the registry may route a dtype to is right for that dtype on this torch
-    (300,007 elements spans several chunks of the low-precision paths)."""
+    (1,200,007 elements spans several chunks of the low-precision paths)."""
     routed = registry.kernels.entry("sgd", CPU, dtype).launcher
     if not LAUNCHERS[launcher](CPU, dtype):
         assert routed is not launcher, f"{launcher.__name__} is routed {dtype} although it does not serve it"

@@ -49,7 +49,7 @@ class Launcher(Protocol):
 
 
 LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
-FP32_CHUNK = 1 << 18
+FP32_CHUNK = 1 << 19
 """Elements per fp32 chunk in :func:`in_fp32_chunks`: a few such chunks stay in a core's cache."""
 
 
@@ -75,12 +75,16 @@ def in_fp32_chunks(
     if params.dtype not in LOW_PRECISION:
         update(params, grads, *state)
         return
-    for start in range(0, params.numel(), chunk):
-        part = slice(start, start + chunk)
-        pieces = [None if t is None else t[part].float() for t in state]
-        param32 = params[part].float()
-        update(param32, grads[part].float(), *pieces)
-        params[part].copy_(param32)
+    numel = params.numel()
+    # fp32 scratch allocated once per call: a fresh allocation per chunk costs page faults
+    # (large CPU allocations are mmap-ed), 2.5x the whole update on a 2-core CPU.
+    size = min(chunk, numel)
+    param32, grad32, *state32 = (params.new_empty(size, dtype=torch.float32) for _ in range(2 + len(state)))
+    for start in range(0, numel, chunk):
+        part, count = slice(start, start + chunk), min(chunk, numel - start)
+        pieces = [None if t is None else scratch[:count].copy_(t[part]) for t, scratch in zip(state, state32)]
+        update(param32[:count].copy_(params[part]), grad32[:count].copy_(grads[part]), *pieces)
+        params[part].copy_(param32[:count])
         for t, piece in zip(state, pieces):
             if t is not None and piece is not None:
                 t[part].copy_(piece)
