@@ -15,12 +15,6 @@ from .backends import get_backend
 from .buckets import BucketPlan, Slot
 
 
-def storage_use_count(tensor: torch.Tensor) -> int:
-    """How many tensors (and storage objects) share ``tensor``'s storage: an O(1) signal
-    that some tensor was re-pointed away from (or at) a flat buffer."""
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
-
-
 class FlatBucket:
     """The flat param, grad and state buffers of one (device, dtype) bucket."""
 

@@ -61,8 +61,10 @@ class Run:
 def check_grad(slot: Slot, grad: torch.Tensor) -> None:
     """A gradient must match its parameter; say which parameter and what differs."""
     param = slot.param
-    if grad.is_sparse:
-        raise InvalidParameterError(f"{slot.describe()} has a sparse gradient; fused optimizers need dense gradients")
+    if grad.layout != torch.strided:
+        raise InvalidParameterError(
+            f"{slot.describe()} has a sparse ({grad.layout}) gradient; fused optimizers need dense gradients"
+        )
     for what, want, got in (
         ("dtype", param.dtype, grad.dtype),
         ("shape", param.shape, grad.shape),
@@ -155,11 +157,11 @@ class Layout:
         cdatas = [buffer.untyped_storage()._cdata for bucket in self.buckets for buffer in bucket.buffers]
         self._watched = [(cdata, torch._C._storage_Use_Count(cdata)) for cdata in cdatas]
 
-    def initialize_state(self, slots: Sequence[Slot], state: State) -> None:
-        """After a first step over ``slots``: expose their state slots as per-parameter state tensors."""
-        bucket_of = {id(slot): bucket for bucket in self.buckets for slot in bucket.plan.slots}
-        for slot in slots:
-            self._bind_states(bucket_of[id(slot)], slot, state, copy=False)
+    def initialize_state(self, started: Sequence[tuple[FlatBucket, Slot]], state: State) -> None:
+        """After a first step over ``started`` slots: expose their state slots as per-parameter
+        state tensors."""
+        for bucket, slot in started:
+            self._bind_states(bucket, slot, state, copy=False)
         self.refresh(state)
 
     def reconcile(self, state: State) -> bool:

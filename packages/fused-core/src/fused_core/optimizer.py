@@ -153,16 +153,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             layout.initialize_state(started, self.state)
         return loss
 
-    def _launch(self, layout: Layout) -> list[Slot]:
-        """One launcher call per run; returns the slots whose state this step initialised.
-        (No run outlives this call: the layout's next use-count snapshot must not count it.)"""
+    def _launch(self, layout: Layout) -> list[tuple[FlatBucket, Slot]]:
+        """One launcher call per run; returns the (bucket, slot) pairs whose state this step
+        initialised. (No run outlives this call: the next use-count snapshot must not count it.)"""
         groups = self.param_groups
-        started: list[Slot] = []
+        started: list[tuple[FlatBucket, Slot]] = []
         for run in layout.runs:
             group = groups[run.group]
             run.launcher(run.params, run.grads, run.state, group, run.first_step)
             if run.first_step and self.state_names and self.initializes_state(group):
-                started += run.slots
+                started += [(run.bucket, slot) for slot in run.slots]
         return started
 
     def _current_layout(self) -> Layout:
@@ -200,8 +200,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             return torch.tensor(0.0)
         norm_type = float(norm_type)
         first_device = grads[0].device
-        # One foreach reduction per bucket over fixed-size chunks: a single vector_norm over
-        # millions of elements accumulates more rounding error than torch's per-tensor norms.
         norms = [bucket_norm(bucket, norm_type) for bucket in layout.buckets]
         total = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
