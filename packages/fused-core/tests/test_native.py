@@ -1,0 +1,361 @@
+"""fused_core.native: C sources compiled on first use, cached on disk and loaded through ctypes;
+and csrc/fused_half.h's fp16/bf16 <-> fp32 block converters, which every C kernel's loads and
+stores go through, checked bit for bit against torch's own conversions (``.float()`` and
+``.to(dtype)``) over every 16-bit pattern, every rounding boundary and a million random fp32
+patterns. tests/csrc/convert.c exports the converters.
+
+The converters run from a library built with the default flags (on x86 with ``-march=native``
+that is F16C for fp16 where the CPU has it, the scalar bit operations for the tails) and, on
+x86_64, from one built with ``-mno-f16c``, where the scalar bit operations do every element.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_core import native
+
+CONVERT_C = Path(__file__).with_name("csrc") / "convert.c"
+_CONVERTER = (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
+LOADS = {torch.bfloat16: "bf16_to_f32", torch.float16: "fp16_to_f32"}
+STORES = {torch.bfloat16: "f32_to_bf16", torch.float16: "f32_to_fp16"}
+SIGNATURES = {name: _CONVERTER for name in (*LOADS.values(), *STORES.values())}
+NO_F16C = ("-O3", "-mno-f16c")
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+TAIL = 7
+"""Elements per call where each element must go through the scalar tail (fewer than one 8-wide F16C block)."""
+BROKEN_C = "int broken(int x {\n    return x;\n}\n"
+HALF_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+
+
+def compiler() -> str | None:
+    """The program native.build runs ($CC, else cc), if it is on PATH."""
+    words = shlex.split(os.environ.get("CC") or "cc")
+    return shutil.which(words[0]) if words else None
+
+
+needs_compiler = pytest.mark.skipif(compiler() is None, reason="no C compiler ($CC, else cc) on PATH")
+
+
+def copy_source(tmp_path: Path, name: str, text: str | None = None) -> Path:
+    """convert.c (or ``text``) under a fresh name: native._load caches per source path, so each copy builds anew."""
+    source = tmp_path / f"{name}.c"
+    source.write_text(CONVERT_C.read_text() if text is None else text)
+    return source
+
+
+def compiler_errors(source: Path) -> list[str]:
+    """The error lines the compiler itself prints for ``source``, to find in native's messages."""
+    done = subprocess.run(
+        [*shlex.split(os.environ.get("CC") or "cc"), "-fsyntax-only", str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0, f"{source} compiled"
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert errors, done.stderr
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversions
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(native.FLAG_SETS, id="default-flags"),
+        pytest.param(
+            (NO_F16C,),
+            id="no-f16c",
+            marks=pytest.mark.skipif(
+                not X86_64, reason="-mno-f16c is an x86 flag: elsewhere the default build has no F16C path"
+            ),
+        ),
+    ],
+)
+def converters(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> native.NativeLibrary:
+    """convert.c built with one flag flavour into a private cache directory."""
+    flag_sets = request.param
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(native.CACHE_ENV, str(tmp_path_factory.mktemp("native-cache")))
+        env.delenv(native.DISABLE_ENV, raising=False)
+        library = native.load_library(CONVERT_C, SIGNATURES, flag_sets=flag_sets)
+    if library is None:
+        reason = native.unavailable_reason(CONVERT_C, flag_sets=flag_sets)
+        if compiler() is None:
+            pytest.skip(f"no C compiler: {reason}")
+        pytest.fail(f"convert.c did not build with {flag_sets}: {reason}")
+    return library
+
+
+def convert(
+    library: native.NativeLibrary, name: str, src: torch.Tensor, out: torch.Tensor, piece: int | None = None
+) -> torch.Tensor:
+    """``name(src, out, n)`` over all of ``src``, in one call or in calls of ``piece`` elements."""
+    assert src.is_contiguous() and out.is_contiguous() and src.numel() == out.numel()
+    function = getattr(library.cdll, name)
+    n = src.numel()
+    step = n if piece is None else piece
+    for start in range(0, n, max(step, 1)):
+        function(
+            src.data_ptr() + start * src.element_size(),
+            out.data_ptr() + start * out.element_size(),
+            min(step, n - start),
+        )
+    return out
+
+
+def _hex(bits: int, width: int) -> str:
+    return f"0x{bits & ((1 << width) - 1):0{width // 4}x}"
+
+
+def assert_same_bits(
+    inputs: torch.Tensor, got: torch.Tensor, want: torch.Tensor, bit_dtype: torch.dtype, what: str
+) -> None:
+    """``got`` equals ``want`` bit for bit, except that where ``want`` is NaN ``got`` need only be NaN.
+    A failure lists the first differing elements as input -> want, got (bit patterns)."""
+    got_bits, want_bits = got.view(bit_dtype), want.view(bit_dtype)
+    same = (got_bits == want_bits) | (want.isnan() & got.isnan())
+    bad = (~same).nonzero().flatten()
+    if bad.numel():
+        in_width, out_width = inputs.element_size() * 8, got.element_size() * 8
+        in_bits = inputs.view(torch.int16 if in_width == 16 else torch.int32)
+        lines = [
+            f"  {_hex(int(in_bits[i]), in_width)} ({float(inputs[i])!r}): want {_hex(int(want_bits[i]), out_width)}"
+            f" ({float(want[i])!r}), got {_hex(int(got_bits[i]), out_width)} ({float(got[i])!r})"
+            for i in bad[:12].tolist()
+        ]
+        pytest.fail(f"{what}: {bad.numel()} of {same.numel()} elements differ:\n" + "\n".join(lines))
+
+
+def poisoned(want: torch.Tensor, bit_dtype: torch.dtype) -> torch.Tensor:
+    """An output buffer holding the complement of every expected pattern (never a match, never NaN
+    where NaN is expected), so an element the converter skips cannot pass."""
+    return want.view(bit_dtype).bitwise_not().view(want.dtype)
+
+
+def all_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """All 65,536 values of a 16-bit ``dtype``, NaNs and infinities included."""
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int16).view(dtype)
+
+
+def f32_from_bits(bits: list[int]) -> torch.Tensor:
+    return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32).view(torch.float32)
+
+
+def exact_f32(values: torch.Tensor) -> torch.Tensor:
+    """float64 ``values`` as float32, which must hold them exactly."""
+    single = values.float()
+    assert torch.equal(single.double(), values), "not exact in fp32"
+    return single
+
+
+def midpoints(dtype: torch.dtype) -> torch.Tensor:
+    """The exact midpoints between consecutive non-negative finite values of ``dtype``, and between
+    its largest value and the next value its exponent range lacks (the overflow threshold),
+    in fp32 (exact: a midpoint needs one significand bit more than ``dtype`` has)."""
+    finite = all_patterns(dtype).double()
+    finite = finite[(finite >= 0) & finite.isfinite()].sort().values
+    beyond = 2 * finite[-1:] - finite[-2:-1]  # largest + its ulp
+    ladder = torch.cat([finite, beyond])
+    return exact_f32((ladder[:-1] + ladder[1:]) / 2)
+
+
+def boundaries(dtype: torch.dtype) -> torch.Tensor:
+    """Where ``dtype``'s rounding changes regime, from torch.finfo: the largest value, the overflow
+    threshold (largest + half an ulp: 65520 for fp16) and a value beyond it, the smallest normal,
+    the largest and smallest subnormal, half the smallest subnormal (ties to zero) and one and a
+    half of it (ties up to even); and fp32's own extremes, subnormals, infinity and NaNs (quiet,
+    signalling, all ones)."""
+    finfo = torch.finfo(dtype)
+    smallest = finfo.tiny * finfo.eps
+    _, exponent = math.frexp(finfo.max)
+    ulp_of_max = 2.0 ** (exponent - 1) * finfo.eps
+    points = [0.0, 1.0, finfo.max, finfo.max + ulp_of_max / 2, finfo.max + ulp_of_max * 3 / 4, finfo.tiny]
+    points += [finfo.tiny - smallest, smallest, smallest / 2, smallest * 1.5, smallest / 4]
+    own = exact_f32(torch.tensor(points, dtype=torch.float64))
+    fp32 = f32_from_bits([0x7F7FFFFF, 0x00000001, 0x007FFFFF, 0x00800000, 0x7F800000])
+    nans = f32_from_bits([0x7FC00000, 0x7F800001, 0x7FA00000, 0x7FFFFFFF, 0x7FC00001])
+    return torch.cat([own, fp32, nans])
+
+
+def with_neighbours_and_signs(values: torch.Tensor) -> torch.Tensor:
+    """``values``, their fp32 neighbours on either side, and all of them negated."""
+    near = torch.cat([values, torch.nextafter(values, values.new_tensor(math.inf))])
+    near = torch.cat([near, torch.nextafter(values, values.new_tensor(-math.inf))])
+    return torch.cat([near, -near])
+
+
+def odd_length(values: torch.Tensor) -> torch.Tensor:
+    """``values`` cut to a length of 8k + 7, so that a vectorised loop leaves the longest scalar tail."""
+    keep = values.numel() - (values.numel() - TAIL) % 8
+    assert keep % 8 == TAIL and keep > values.numel() - 8
+    return values[:keep].contiguous()
+
+
+@HALF_DTYPES
+def test_load_every_pattern_matches_torch(converters, dtype) -> None:
+    """Every 16-bit pattern loads to the fp32 pattern torch's ``.float()`` gives (NaN: some NaN), both
+    in one call and in calls of 7 elements (all through the scalar tail, beside any F16C blocks)."""
+    patterns = all_patterns(dtype)
+    want = patterns.float()
+    for piece in (None, TAIL):
+        got = convert(converters, LOADS[dtype], patterns.view(torch.int16), poisoned(want, torch.int32), piece)
+        assert_same_bits(patterns, got, want, torch.int32, f"{LOADS[dtype]} {converters.flags} piece={piece}")
+
+
+@HALF_DTYPES
+def test_store_matches_torch_rounding(converters, dtype, generator) -> None:
+    """fp32 -> ``dtype`` rounds as torch's ``.to(dtype)`` does (nearest, ties to even; overflow to
+    infinity; NaN to some NaN), bit for bit, over: the fp32 image of every ``dtype`` value, every
+    midpoint between neighbours (the ties) and the overflow threshold, the regime boundaries,
+    each with its fp32 neighbours and negated, and a million random fp32 bit patterns; in one
+    call of odd length (vector blocks and a scalar tail)."""
+    structured = torch.cat([all_patterns(dtype).float(), midpoints(dtype), boundaries(dtype)])
+    random = torch.randint(-(1 << 31), 1 << 31, (1_000_000,), dtype=torch.int32, generator=generator)
+    inputs = odd_length(torch.cat([with_neighbours_and_signs(structured), random.view(torch.float32)]))
+    want = inputs.to(dtype)
+    got = convert(converters, STORES[dtype], inputs, poisoned(want, torch.int16).view(torch.int16)).view(dtype)
+    assert_same_bits(inputs, got, want, torch.int16, f"{STORES[dtype]} {converters.flags}")
+
+
+@HALF_DTYPES
+def test_store_boundaries_through_the_scalar_tail(converters, dtype) -> None:
+    """The regime boundaries and the ties around them (with neighbours and signs), converted 7 at a time
+    so that each goes through the scalar tail, round as torch's ``.to(dtype)`` does."""
+    finfo = torch.finfo(dtype)
+    near_edges = midpoints(dtype)
+    near_edges = near_edges[(near_edges < 4 * finfo.tiny) | (near_edges > finfo.max / 4)]
+    inputs = with_neighbours_and_signs(torch.cat([boundaries(dtype), near_edges]))
+    want = inputs.to(dtype)
+    got = convert(converters, STORES[dtype], inputs, poisoned(want, torch.int16).view(torch.int16), TAIL)
+    assert_same_bits(inputs, got.view(dtype), want, torch.int16, f"{STORES[dtype]} {converters.flags} piece={TAIL}")
+
+
+def test_default_flags_load_where_a_compiler_is_found(tmp_path, monkeypatch) -> None:
+    """With a C compiler on PATH, load_library with the default flag sets gives a library (a failure
+    here is a failure, not a skip) that was built with one of them, and it converts."""
+    if compiler() is None:
+        pytest.skip("no C compiler ($CC, else cc) on PATH")
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    source = copy_source(tmp_path, "convert_default_flags")
+    library = native.load_library(source, SIGNATURES)
+    assert library is not None, native.unavailable_reason(source)
+    assert library.flags in native.FLAG_SETS
+    patterns = all_patterns(torch.bfloat16)
+    got = convert(library, "bf16_to_f32", patterns.view(torch.int16), torch.empty(patterns.shape))
+    assert_same_bits(patterns, got, patterns.float(), torch.int32, f"bf16_to_f32 {library.flags}")
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+@needs_compiler
+def test_build_writes_into_the_directory_once_per_flag_set(tmp_path, monkeypatch) -> None:
+    """build puts the library in the given directory; asked again, it returns the same file without
+    running the compiler (same mtime); another flag set is another file."""
+    directory = tmp_path / "libs"
+    path = native.build(CONVERT_C, ("-O1",), directory)
+    assert path.parent == directory and path.is_file()
+    mtime = path.stat().st_mtime_ns
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError(f"compiler run again: {args}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(native.subprocess, "run", no_compiler)
+        assert native.build(CONVERT_C, ("-O1",), directory) == path
+    assert path.stat().st_mtime_ns == mtime
+
+    other = native.build(CONVERT_C, ("-O0",), directory)
+    assert other.parent == directory and other.is_file() and other.name != path.name
+    assert sorted(p.name for p in directory.iterdir()) == sorted([path.name, other.name])
+
+
+@needs_compiler
+def test_build_syntax_error_raises_with_the_compiler_output(tmp_path) -> None:
+    """A source that does not compile raises RuntimeError carrying the compiler's error lines, and
+    leaves no file behind."""
+    source = copy_source(tmp_path, "broken", BROKEN_C)
+    directory = tmp_path / "libs"
+    with pytest.raises(RuntimeError) as raised:
+        native.build(source, ("-O1",), directory)
+    for line in compiler_errors(source):
+        assert line in str(raised.value)
+    assert list(directory.iterdir()) == []
+
+
+def test_build_with_a_missing_compiler_raises(tmp_path, monkeypatch) -> None:
+    """``$CC`` naming a program that does not exist raises RuntimeError naming it."""
+    missing = tmp_path / "no-such-cc"
+    monkeypatch.setenv("CC", str(missing))
+    with pytest.raises(RuntimeError, match="no-such-cc"):
+        native.build(CONVERT_C, ("-O1",), tmp_path / "libs")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_library
+
+
+def test_load_library_disabled_by_env(tmp_path, monkeypatch) -> None:
+    """With FUSED_OPTIM_DISABLE_NATIVE set, load_library returns None without compiling, and
+    unavailable_reason names the variable."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
+    source = copy_source(tmp_path, "convert_disabled")
+    assert native.unavailable_reason(source) is None
+    assert native.load_library(source, SIGNATURES) is None
+    reason = native.unavailable_reason(source)
+    assert reason is not None and native.DISABLE_ENV in reason
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+@needs_compiler
+def test_load_library_broken_source_gives_none_and_the_compiler_error(tmp_path, monkeypatch) -> None:
+    """A source that compiles with no flag set makes load_library return None, and unavailable_reason
+    holds the compiler's error lines; the cache directory is left without files."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    source = copy_source(tmp_path, "broken_load", BROKEN_C)
+    assert native.load_library(source, {"broken": (ctypes.c_int, [ctypes.c_int])}) is None
+    reason = native.unavailable_reason(source)
+    assert reason is not None
+    for line in compiler_errors(source):
+        assert line in reason
+    assert list(cache.iterdir()) == []
+
+
+@needs_compiler
+def test_load_library_builds_in_the_cache_dir_env(tmp_path, monkeypatch) -> None:
+    """FUSED_OPTIM_CACHE_DIR is where a fresh build goes (created if missing); the library carries its
+    path and flags, converts, and a second load_library gives the same library."""
+    cache = tmp_path / "cache" / "nested"
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    assert native.cache_dir() == cache
+    source = copy_source(tmp_path, "convert_cache_env")
+    library = native.load_library(source, SIGNATURES, flag_sets=[("-O1",)])
+    assert library is not None, native.unavailable_reason(source, flag_sets=[("-O1",)])
+    assert library.path.parent == cache and library.path.is_file() and library.flags == ("-O1",)
+    assert [p.name for p in cache.iterdir()] == [library.path.name]
+    assert native.load_library(source, SIGNATURES, flag_sets=[("-O1",)]).path == library.path
+    values = torch.randn(1001, generator=torch.Generator().manual_seed(7))
+    want = values.to(torch.float16)
+    got = convert(library, "f32_to_fp16", values, torch.empty(values.shape, dtype=torch.int16)).view(torch.float16)
+    assert_same_bits(values, got, want, torch.int16, "f32_to_fp16 -O1")
