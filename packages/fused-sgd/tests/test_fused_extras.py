@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_core import InvalidParameterError
+from fused_core import InvalidParameterError, grad_norm
 from fused_sgd import FusedSGD
 from fused_testing.parity import make_batches, make_model
 from fused_testing.reference import relative_error
@@ -118,6 +118,114 @@ def test_clip_grad_norm_with_default_zero_grad() -> None:
         reference.step()
     for (name, p), q in zip(ours_model.named_parameters(), torch_model.parameters()):
         assert relative_error(p, q) <= 1e-5, name
+
+
+CLIP_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CLIP_SHAPES = [(300_007,), (512, 129), (7, 11)]
+"""Realistic sizes: more than one 65,536-element piece of the C kernels, so their threads split
+the work, and odd lengths for the vector tails."""
+
+
+@pytest.fixture(params=["c-kernel", "torch-ops"])
+def norm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the C kernels of fused_core.grad_norm (which must load wherever a C
+    compiler is, as on CI) and again through the torch-op fallback."""
+    if request.param == "c-kernel":
+        assert grad_norm.library() is not None, native_reason()
+    else:
+        monkeypatch.setattr(grad_norm, "_native", lambda flat: None)
+    return request.param
+
+
+def native_reason() -> str:
+    from fused_core import native
+
+    return f"C kernels unavailable: {native.unavailable_reason(grad_norm.SOURCE)}"
+
+
+def _clip_setup(dtype: torch.dtype, seed: int, scale: float = 1.0) -> tuple[list[Tensor], FusedSGD, list[Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.zeros(shape, dtype=dtype, requires_grad=True) for shape in CLIP_SHAPES]
+    grads = [(torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype) for shape in CLIP_SHAPES]
+    optimizer = FusedSGD(params, lr=0.1)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer.step()  # builds the flat buffers; lr * grad moved the params, not the grads
+    return params, optimizer, grads
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=str)
+@pytest.mark.parametrize("dtype", CLIP_DTYPES, ids=str)
+def test_clip_grad_norm_in_every_dtype_against_float64(dtype: torch.dtype, norm_type: float, norm_path: str) -> None:
+    """fp32/bf16/fp16 gradients: the norm is the float64 norm of the same values (rounded to the
+    gradients' dtype, as torch returns it) and each clipped gradient is the float64 product within
+    2 ulps (the product's rounding, and the coefficient's, which is computed in fp32 as torch's is)
+    plus the norm's own error; no further from float64 than torch's own clip_grad_norm_."""
+    params, optimizer, grads = _clip_setup(dtype, seed=31)
+    exact = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]), norm_type)
+    max_norm = float(exact) / 3
+    torch_norm, torch_grads = torch_clip(grads, max_norm, norm_type)
+
+    norm = optimizer.clip_grad_norm_fused_(max_norm, norm_type)
+
+    eps = torch.finfo(dtype).eps
+    assert norm.dtype == dtype
+    if norm_path == "c-kernel":  # fp64 sum of squares: only the final rounding to dtype
+        assert relative_error(norm, exact) <= eps / 2
+    else:  # fp32 chunk norms, as torch's own norm
+        assert relative_error(norm, exact) <= relative_error(torch_norm, exact) + 8 * eps
+    coefficient = max_norm / (float(exact) + 1e-6)
+    for p, g, theirs in zip(params, grads, torch_grads):
+        expected = g.double() * coefficient
+        ours_error = relative_error(p.grad, expected)
+        assert ours_error <= 2 * eps + relative_error(norm, exact), (dtype, p.shape, ours_error)
+        assert ours_error <= relative_error(theirs, expected) + eps / 4
+
+
+@pytest.mark.parametrize("dtype", CLIP_DTYPES, ids=str)
+def test_clip_below_max_norm_leaves_gradients_bitwise(dtype: torch.dtype, norm_path: str) -> None:
+    """A coefficient of 1 leaves every gradient as it was, bit for bit (torch multiplies by 1.0)."""
+    params, optimizer, grads = _clip_setup(dtype, seed=32)
+    optimizer.clip_grad_norm_fused_(1e9)
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=str)
+@pytest.mark.parametrize("dtype", CLIP_DTYPES, ids=str)
+def test_clip_non_finite_gradient_like_torch(dtype: torch.dtype, norm_type: float, bad: float, norm_path: str) -> None:
+    """One inf or NaN element anywhere: the norm is torch's (inf or NaN), error_if_nonfinite raises
+    before anything is scaled, and without it the gradients are scaled exactly as torch scales them."""
+    params, optimizer, grads = _clip_setup(dtype, seed=33)
+    grads[0][123_457] = bad
+    params[0].grad[123_457] = bad
+    torch_norm, torch_grads = torch_clip(grads, 1.0, norm_type)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        optimizer.clip_grad_norm_fused_(1.0, norm_type, error_if_nonfinite=True)
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad.nan_to_num(), g.nan_to_num())
+    norm = optimizer.clip_grad_norm_fused_(1.0, norm_type)
+    assert torch.equal(norm.isnan(), torch_norm.isnan()) and torch.equal(norm.isinf(), torch_norm.isinf())
+    for p, theirs in zip(params, torch_grads):
+        assert torch.equal(p.grad.isnan(), theirs.isnan())
+
+
+def test_clip_fp32_gradients_whose_squares_overflow(norm_path: str) -> None:
+    """fp32 gradients near 1e20: their squares overflow fp32. The C kernel's norm does not
+    (float64 reference); torch's own clip_grad_norm_ returns inf here and zeroes every gradient,
+    and the torch-op fallback does what torch does."""
+    params, optimizer, grads = _clip_setup(torch.float32, seed=34, scale=1e20)
+    exact = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))
+    torch_norm, torch_grads = torch_clip(grads, 1.0, 2.0)
+    norm = optimizer.clip_grad_norm_fused_(1.0)
+    if norm_path == "torch-ops":
+        assert torch.equal(norm, torch_norm)
+        assert all(torch.equal(p.grad, theirs) for p, theirs in zip(params, torch_grads))
+        return
+    assert relative_error(norm, exact) <= 1e-6
+    for p, g in zip(params, grads):
+        assert relative_error(p.grad, g.double() / float(exact)) <= 1e-6
 
 
 # ----- combined buffers -------------------------------------------------------------

@@ -8,15 +8,20 @@ are no further from the reference than torch.optim.SGD in the same dtype is.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from fused_core import registry
+from fused_core import native, registry
 from fused_core.kernels import FP32_CHUNK
 from fused_sgd import FusedSGD
 from fused_sgd.kernels import (
+    C_SOURCE,
+    c_half_serves,
     fp32_native_fused_serves,
     native_fused_agrees,
+    sgd_c_half,
     sgd_composite,
     sgd_native_fused,
     sgd_native_fused_fp32_chunks,
@@ -78,6 +83,7 @@ LAUNCHERS = {
     sgd_composite: lambda device, dtype: True,
     sgd_native_fused: native_fused_agrees,
     sgd_native_fused_fp32_chunks: fp32_native_fused_serves,
+    sgd_c_half: c_half_serves,
 }
 ROUTES = [(dtype, launcher) for dtype in DTYPES for launcher in LAUNCHERS]
 
@@ -105,7 +111,80 @@ def test_each_dtype_routes_to_the_most_specific_serving_launcher() -> None:
     FusedSGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # registers the plugin
     for dtype in DTYPES:
         serving = [
-            launcher for launcher in (sgd_native_fused, sgd_native_fused_fp32_chunks) if LAUNCHERS[launcher](CPU, dtype)
+            launcher
+            for launcher in (sgd_c_half, sgd_native_fused, sgd_native_fused_fp32_chunks)
+            if LAUNCHERS[launcher](CPU, dtype)
         ]
         expected = serving[0] if serving else sgd_composite
         assert registry.kernels.entry("sgd", CPU, dtype).launcher is expected, dtype
+
+
+# ----- the C kernel (sgd_c_half) against the composite, flag by flag -------------------------
+FLAG_CASES = [
+    dict(
+        lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+    )
+    for momentum in (0.0, 0.9)
+    for dampening in ((0.0, 0.3) if momentum else (0.0,))
+    for nesterov in ((False, True) if momentum and not dampening else (False,))
+    for weight_decay in (0.0, 1e-2)
+    for maximize in (False, True)
+]
+C_NUMEL = 200_003
+"""Several 32,768-element pieces of the C kernel (so its OpenMP threads split them), odd length."""
+
+
+def _c_and_composite(dtype: torch.dtype, hp: dict, poison: bool = False) -> tuple[list, list]:
+    generator = torch.Generator().manual_seed(len(str(hp)) + (7 if poison else 0))
+    data = [torch.randn(C_NUMEL, generator=generator, dtype=torch.float64).to(dtype) for _ in range(3)]
+    if poison:  # inf and NaN in parameters, gradients and momentum
+        for tensor, values in zip(data, ((math.inf, 11), (math.nan, 77_777), (-math.inf, 199_999))):
+            tensor[values[1]] = values[0]
+        data[1][5] = -math.inf
+    ours, theirs = [t.clone() for t in data], [t.clone() for t in data]
+    for step in range(3):
+        grad = torch.randn(C_NUMEL, generator=generator, dtype=torch.float64).to(dtype)
+        if poison:
+            grad[100_000] = math.nan
+        sgd_c_half(ours[0], grad, {"momentum_buffer": ours[2]}, hp, step == 0)
+        sgd_composite(theirs[0], grad, {"momentum_buffer": theirs[2]}, hp, step == 0)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("hp", FLAG_CASES, ids=lambda hp: "-".join(f"{k}={v}" for k, v in hp.items() if k != "lr"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_c_kernel_matches_the_composite_for_every_flag_combination(dtype: torch.dtype, hp: dict) -> None:
+    """Both compute in fp32 and round once: parameters and momentum agree within one ulp of the
+    largest value (fused multiply-adds may round differently); the C kernel must be available
+    wherever a C compiler is (CI has one)."""
+    assert c_half_serves(CPU, dtype), f"C kernel unavailable: {native.unavailable_reason(C_SOURCE)}"
+    ours, theirs = _c_and_composite(dtype, hp)
+    for mine, reference in zip(ours, theirs):
+        assert relative_error(mine, reference) <= torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_c_kernel_propagates_inf_and_nan_like_the_composite(dtype: torch.dtype) -> None:
+    """inf and NaN in parameters, gradients and momentum end up in the same places, with the same signs."""
+    ours, theirs = _c_and_composite(dtype, FLAG_CASES[-1], poison=True)
+    for mine, reference in zip(ours, theirs):
+        assert torch.equal(mine.isnan(), reference.isnan())
+        assert torch.equal(mine.isinf(), reference.isinf()) and torch.equal(mine[mine.isinf()], reference[mine.isinf()])
+        finite = mine.isfinite()
+        assert relative_error(mine[finite], reference[finite]) <= torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_c_kernel_result_does_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
+    """The update is element-wise: one thread and torch's default give the same bits."""
+    hp = FLAG_CASES[-1]
+    threads = torch.get_num_threads()
+    results = []
+    for count in (1, max(2, threads)):
+        torch.set_num_threads(count)
+        try:
+            results.append(_c_and_composite(dtype, hp)[0])
+        finally:
+            torch.set_num_threads(threads)
+    for one, many in zip(*results):
+        assert torch.equal(one.view(torch.int16), many.view(torch.int16))

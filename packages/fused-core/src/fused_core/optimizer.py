@@ -18,7 +18,6 @@ plus one launcher call per (bucket, param group), with no per-parameter work.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -31,6 +30,7 @@ from .buckets import Slot
 from .distributed import check_not_dtensor
 from .errors import InvalidParameterError
 from .flat import FlatBucket
+from .grad_norm import bucket_norm, scale_
 from .hyperparams import validate_group
 from .layout import Layout
 from .plugins import registry
@@ -53,16 +53,6 @@ def compact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) 
             for key, name, value in shared:
                 state_dict["state"][key] = {**state_dict["state"][key], name: value.clone()}
     return state_dict
-
-
-def bucket_norm(bucket: FlatBucket, norm_type: float) -> torch.Tensor:
-    """The ``norm_type`` norm of a bucket's flat gradient: the infinity norm from one min/max
-    pass (ten times faster than ``vector_norm(inf)`` on the CPU), others from chunk norms."""
-    if bucket.grads.numel() == 0:
-        return bucket.grads.new_zeros(())
-    if norm_type == math.inf:
-        return torch.stack(torch.aminmax(bucket.grads)).abs().max()
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(bucket.grad_chunks, norm_type)), norm_type)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -192,7 +182,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                   g \leftarrow g \cdot \min\left(\frac{\text{max\_norm}}{n + 10^{-6}}, 1\right)
 
         where :math:`g_b` is bucket :math:`b`'s flat gradient (slots without a gradient hold
-        zeros). Returns the total norm :math:`n`; ``norm_type`` may be ``inf``.
+        zeros). The norms and the coefficient are computed in fp32 or wider
+        (:mod:`fused_core.grad_norm`); the returned total norm :math:`n` has the gradients'
+        dtype, as torch's. ``norm_type`` may be ``inf``.
         """
         layout = self._current_layout()
         grads = [bucket.grads for bucket in layout.buckets]
@@ -200,16 +192,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return torch.tensor(0.0)
         norm_type = float(norm_type)
         first_device = grads[0].device
-        norms = [bucket_norm(bucket, norm_type) for bucket in layout.buckets]
-        total = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), norm_type)
+        norms = [bucket_norm(bucket, norm_type).to(first_device) for bucket in layout.buckets]
+        widest = max((norm.dtype for norm in norms), key=lambda dtype: torch.finfo(dtype).bits)
+        total = torch.linalg.vector_norm(torch.stack([norm.to(widest) for norm in norms]), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise RuntimeError(
                 f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be clipped"
             )
         coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
         for flat in grads:
-            flat.mul_(coefficient.to(flat.device))
-        return total
+            scale_(flat, coefficient)
+        return total.to(grads[0].dtype)
 
     def get_combined_params(self) -> list[torch.Tensor]:
         """The flat parameter buffer of every bucket (torch_npu's ``get_combined_params``)."""

@@ -12,7 +12,7 @@ momentum :math:`\mu`, dampening :math:`\tau`, weight decay :math:`\lambda`
         g   = g + μ b_t  if nesterov else b_t
     θ_t = θ_{t-1} - γ g
 
-Three launchers implement it:
+Four launchers implement it:
 
 * :func:`sgd_composite`: torch ops on the flat slices, for any device and dtype;
   fp16/bf16 slices are computed in fp32 (in cache-sized chunks) and rounded once.
@@ -21,17 +21,23 @@ Three launchers implement it:
   :func:`sgd_composite` on the device at hand (torch 2.13's CPU build: fp32 only).
 * :func:`sgd_native_fused_fp32_chunks`: for fp16/bf16 where only the fp32 fused op is
   right: cache-sized chunks are upcast, updated by the fp32 fused op, and rounded once.
+* :func:`sgd_c_half`: fp16/bf16 on the CPU in one pass over memory, by a C kernel
+  (``csrc/sgd_half.c``) compiled on first use (:mod:`fused_core.native`) and checked
+  against :func:`sgd_composite` before any dtype is routed to it (:func:`c_half_serves`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from fused_core.kernels import LOW_PRECISION, as_float, in_fp32_chunks
+from fused_core.kernels import LOW_PRECISION, Launcher, as_float, in_fp32_chunks
+from fused_core.native import NativeLibrary, load_library
 
 
 def _update(
@@ -105,6 +111,60 @@ def sgd_native_fused_fp32_chunks(
     in_fp32_chunks(lambda p, g, b: _fused_op(p, g, b, hp, first_step), params, grads, _momentum_buffer(state, hp))
 
 
+C_SOURCE = Path(__file__).with_name("csrc") / "sgd_half.c"
+C_FUNCTIONS = {torch.bfloat16: "sgd_bf16", torch.float16: "sgd_fp16"}
+_C_SIGNATURE = (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_int] * 4)
+
+
+def c_library() -> NativeLibrary | None:
+    """The compiled ``csrc/sgd_half.c``, or None (``fused_core.native.unavailable_reason(C_SOURCE)`` says why)."""
+    return load_library(C_SOURCE, {name: _C_SIGNATURE for name in C_FUNCTIONS.values()})
+
+
+def sgd_c_half(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    hp: Mapping[str, Any],
+    first_step: bool,
+) -> None:
+    """fp16/bf16 CPU slices through the C kernel, on ``torch.get_num_threads()`` threads."""
+    library = c_library()
+    if library is None or params.dtype not in C_FUNCTIONS:
+        raise RuntimeError(f"sgd_c_half cannot serve {params.dtype}: the C kernel is not available")
+    buf = _momentum_buffer(state, hp)
+    tensors = (params, grads) if buf is None else (params, grads, buf)
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.dtype != params.dtype or not tensor.is_contiguous():
+            raise ValueError("sgd_c_half takes contiguous CPU slices of one dtype")
+        if tensor.numel() != params.numel():
+            raise ValueError("sgd_c_half takes slices of one length")
+    getattr(library.cdll, C_FUNCTIONS[params.dtype])(
+        params.data_ptr(),
+        grads.data_ptr(),
+        None if buf is None else buf.data_ptr(),
+        params.numel(),
+        as_float(hp["lr"]),
+        float(hp["weight_decay"]),
+        float(hp["momentum"]),
+        1.0 - float(hp["dampening"]),
+        int(bool(hp["nesterov"])),
+        int(bool(hp["maximize"])),
+        int(first_step),
+        torch.get_num_threads(),
+    )
+
+
+def c_half_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Route a CPU fp16/bf16 dtype to :func:`sgd_c_half` when the kernel compiled and agrees with the composite."""
+    return (
+        device.type == "cpu"
+        and dtype in C_FUNCTIONS
+        and c_library() is not None
+        and agrees_with_composite(sgd_c_half, device, dtype)
+    )
+
+
 def fp32_native_fused_serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Route a low-precision dtype to :func:`sgd_native_fused_fp32_chunks` when the fp32 op is right."""
     return dtype in LOW_PRECISION and native_fused_agrees(device, torch.float32)
@@ -118,14 +178,18 @@ _PROBE_CASES = (
 
 
 @functools.cache
-def native_fused_agrees(device: torch.device, dtype: torch.dtype, numel: int = 4099) -> bool:
-    """Whether ``torch._fused_sgd_`` matches :func:`sgd_composite` on ``device`` for ``dtype``.
+def native_fused_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._fused_sgd_`` matches :func:`sgd_composite` on ``device`` for ``dtype``."""
+    return hasattr(torch, "_fused_sgd_") and agrees_with_composite(sgd_native_fused, device, dtype)
+
+
+@functools.cache
+def agrees_with_composite(launcher: Launcher, device: torch.device, dtype: torch.dtype, numel: int = 4099) -> bool:
+    """Whether ``launcher`` matches :func:`sgd_composite` on ``device`` for ``dtype``.
 
     Runs a first and a second step of each probe case on fresh random data and
     allows 4 units in the last place of ``dtype``, relative to the largest value.
     """
-    if not hasattr(torch, "_fused_sgd_"):
-        return False
     generator = torch.Generator().manual_seed(0)
     tolerance = 4 * torch.finfo(dtype).eps
     try:
@@ -135,7 +199,7 @@ def native_fused_agrees(device: torch.device, dtype: torch.dtype, numel: int = 4
             theirs = [t.clone() for t in data]
             for first_step in (True, False):
                 sgd_composite(ours[0], ours[1], {"momentum_buffer": ours[2]}, hp, first_step)
-                sgd_native_fused(theirs[0], theirs[1], {"momentum_buffer": theirs[2]}, hp, first_step)
+                launcher(theirs[0], theirs[1], {"momentum_buffer": theirs[2]}, hp, first_step)
             for mine, native in zip(ours, theirs):
                 scale = mine.double().abs().max().clamp_min(1e-30)
                 if ((mine.double() - native.double()).abs().max() / scale).item() > tolerance:

@@ -8,8 +8,10 @@ from typing import Any
 from fused_core import hookimpl
 
 from .kernels import (
+    c_half_serves,
     fp32_native_fused_serves,
     native_fused_agrees,
+    sgd_c_half,
     sgd_composite,
     sgd_native_fused,
     sgd_native_fused_fp32_chunks,
@@ -30,3 +32,5 @@ def register_kernels(register: Callable[..., Any]) -> None:
         # else its fp32 version over upcast chunks for fp16/bf16, else the composite.
         register("sgd", device_type, sgd_native_fused_fp32_chunks, dtypes=fp32_native_fused_serves)
         register("sgd", device_type, sgd_native_fused, dtypes=native_fused_agrees)
+    # fp16/bf16 on the CPU: the compiled one-pass kernel, where a C compiler built it and it is right.
+    register("sgd", "cpu", sgd_c_half, dtypes=c_half_serves)

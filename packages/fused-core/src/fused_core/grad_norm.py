@@ -1,0 +1,83 @@
+r"""Norms and scaling of a bucket's flat gradient, for ``clip_grad_norm_fused_``.
+
+On the CPU, fp32/bf16/fp16 buckets go through the C kernels of ``csrc/grad_norm.c``
+(compiled on first use by :mod:`fused_core.native`): one pass for the norm, one for the
+scaling, on torch's intra-op threads, with the sum of squares accumulated in fp64:
+
+.. math:: \lVert g \rVert_2 = \sqrt{\textstyle\sum_i g_i^2}, \qquad
+          \lVert g \rVert_\infty = \max_i |g_i| \;(\text{NaN if any } g_i \text{ is NaN}), \qquad
+          g_i \leftarrow \operatorname{round}(g_i \cdot c)
+
+Elsewhere (CUDA, NPU, fp64, other norm orders, or where the kernels are unavailable) torch
+ops do it: the infinity norm from one ``aminmax`` pass, other orders from chunk norms
+(``FlatBucket.grad_chunks``), and ``mul_`` by the coefficient as a tensor (no device sync).
+Norms come back in :func:`norm_dtype`, fp32 or wider.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from .flat import FlatBucket
+from .native import INCLUDE_DIR, NativeLibrary, Signature, load_library
+
+SOURCE = INCLUDE_DIR / "grad_norm.c"
+_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_REDUCE: Signature = (ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
+_SCALE: Signature = (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int])
+
+
+def library() -> NativeLibrary | None:
+    """The compiled ``csrc/grad_norm.c``, or None (``native.unavailable_reason(SOURCE)`` says why)."""
+    signatures: dict[str, Signature] = {}
+    for suffix in _SUFFIXES.values():
+        signatures.update({f"grad_sumsq_{suffix}": _REDUCE, f"grad_maxabs_{suffix}": _REDUCE})
+        signatures[f"grad_scale_{suffix}"] = _SCALE
+    return load_library(SOURCE, signatures)
+
+
+def _native(flat: torch.Tensor) -> NativeLibrary | None:
+    if flat.device.type != "cpu" or flat.dtype not in _SUFFIXES or not flat.is_contiguous():
+        return None
+    return library()
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms of ``dtype`` gradients are computed and returned in: fp32, or fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def bucket_norm(bucket: FlatBucket, norm_type: float) -> torch.Tensor:
+    """The ``norm_type`` norm of a bucket's flat gradient, a 0-d tensor of :func:`norm_dtype`."""
+    grads = bucket.grads
+    dtype = norm_dtype(grads.dtype)
+    if grads.numel() == 0:
+        return grads.new_zeros((), dtype=dtype)
+    native = _native(grads) if norm_type in (2.0, math.inf) else None
+    if native is not None:
+        suffix, threads = _SUFFIXES[grads.dtype], torch.get_num_threads()
+        if norm_type == math.inf:
+            value = getattr(native.cdll, f"grad_maxabs_{suffix}")(grads.data_ptr(), grads.numel(), threads)
+        else:
+            value = math.sqrt(getattr(native.cdll, f"grad_sumsq_{suffix}")(grads.data_ptr(), grads.numel(), threads))
+        return torch.tensor(value, dtype=dtype)
+    if norm_type == math.inf:
+        return torch.stack(torch.aminmax(grads)).abs().max().to(dtype)
+    chunk_norms = torch._foreach_norm(bucket.grad_chunks, norm_type, dtype=dtype)
+    return torch.linalg.vector_norm(torch.stack(chunk_norms), norm_type)
+
+
+def scale_(flat: torch.Tensor, coefficient: torch.Tensor) -> None:
+    """``flat *= coefficient`` (a 0-d tensor); the C kernel skips the pass when ``coefficient`` is 1."""
+    native = _native(flat)
+    if native is None:
+        flat.mul_(coefficient.to(flat.device))
+        return
+    factor = float(coefficient)
+    if factor != 1.0:
+        getattr(native.cdll, f"grad_scale_{_SUFFIXES[flat.dtype]}")(
+            flat.data_ptr(), flat.numel(), factor, torch.get_num_threads()
+        )
