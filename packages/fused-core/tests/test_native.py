@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 from fused_core import native
+from fused_testing.native import c_compiler
 
 CONVERT_C = Path(__file__).with_name("csrc") / "convert.c"
 _CONVERTER = (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
@@ -38,13 +38,7 @@ BROKEN_C = "int broken(int x {\n    return x;\n}\n"
 HALF_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 
 
-def compiler() -> str | None:
-    """The program native.build runs ($CC, else cc), if it is on PATH."""
-    words = shlex.split(os.environ.get("CC") or "cc")
-    return shutil.which(words[0]) if words else None
-
-
-needs_compiler = pytest.mark.skipif(compiler() is None, reason="no C compiler ($CC, else cc) on PATH")
+needs_compiler = pytest.mark.skipif(c_compiler() is None, reason="no C compiler ($CC, else cc) on PATH")
 
 
 def copy_source(tmp_path: Path, name: str, text: str | None = None) -> Path:
@@ -94,7 +88,7 @@ def converters(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         library = native.load_library(CONVERT_C, SIGNATURES, flag_sets=flag_sets)
     if library is None:
         reason = native.unavailable_reason(CONVERT_C, flag_sets=flag_sets)
-        if compiler() is None:
+        if c_compiler() is None:
             pytest.skip(f"no C compiler: {reason}")
         pytest.fail(f"convert.c did not build with {flag_sets}: {reason}")
     return library
@@ -247,7 +241,7 @@ def test_store_boundaries_through_the_scalar_tail(converters, dtype) -> None:
 def test_default_flags_load_where_a_compiler_is_found(tmp_path, monkeypatch) -> None:
     """With a C compiler on PATH, load_library with the default flag sets gives a library (a failure
     here is a failure, not a skip) that was built with one of them, and it converts."""
-    if compiler() is None:
+    if c_compiler() is None:
         pytest.skip("no C compiler ($CC, else cc) on PATH")
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(native.DISABLE_ENV, raising=False)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from fused_optim.cli import main
 
+from fused_core import grad_norm, registry
 from fused_testing import shapes
 
 TINY_SETS = {
@@ -71,6 +72,11 @@ def test_json_has_every_set_dtype_op_and_competitor(bench_run) -> None:
         assert {op: set(data["competitors"]) for op, data in run["ops"].items()} == OPS
         assert set(run["competitors"]) == OPS["step"]
         assert all(entry["first_step_s"] > 0 for entry in run["competitors"].values())
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run["dtype"]]
+        assert (
+            run["fused_kernels"]["step"] == registry.kernels.entry("sgd", torch.device("cpu"), dtype).launcher.__name__
+        )
+        assert (run["fused_kernels"]["clip"] == "torch ops") != grad_norm.serves(torch.device("cpu"), dtype)
         check = run["staleness_check"]
         assert check["current"] is True and check["median_s"] > 0 and check["percent_of_step"] > 0
     for _, _, _, entry in _entries(result):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fused_core import InvalidParameterError, grad_norm
 from fused_sgd import FusedSGD
+from fused_testing.native import require_library
 from fused_testing.parity import make_batches, make_model
 from fused_testing.reference import relative_error
 
@@ -129,18 +130,13 @@ the work, and odd lengths for the vector tails."""
 @pytest.fixture(params=["c-kernel", "torch-ops"])
 def norm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through the C kernels of fused_core.grad_norm (which must load wherever a C
-    compiler is, as on CI) and again through the torch-op fallback."""
+    compiler is, as on CI: fused_testing.native.require_library) and again through the torch-op
+    fallback."""
     if request.param == "c-kernel":
-        assert grad_norm.library() is not None, native_reason()
+        require_library(grad_norm.library(), grad_norm.SOURCE)
     else:
         monkeypatch.setattr(grad_norm, "_native", lambda flat: None)
     return request.param
-
-
-def native_reason() -> str:
-    from fused_core import native
-
-    return f"C kernels unavailable: {native.unavailable_reason(grad_norm.SOURCE)}"
 
 
 def _clip_setup(dtype: torch.dtype, seed: int, scale: float = 1.0) -> tuple[list[Tensor], FusedSGD, list[Tensor]]:

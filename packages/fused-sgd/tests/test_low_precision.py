@@ -13,12 +13,13 @@ import math
 import pytest
 import torch
 
-from fused_core import native, registry
+from fused_core import registry
 from fused_core.kernels import FP32_CHUNK
 from fused_sgd import FusedSGD
 from fused_sgd.kernels import (
     C_SOURCE,
     c_half_serves,
+    c_library,
     fp32_native_fused_serves,
     native_fused_agrees,
     sgd_c_half,
@@ -26,6 +27,7 @@ from fused_sgd.kernels import (
     sgd_native_fused,
     sgd_native_fused_fp32_chunks,
 )
+from fused_testing.native import require_library
 from fused_testing.reference import ReferenceSGD, relative_error
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -157,7 +159,8 @@ def test_c_kernel_matches_the_composite_for_every_flag_combination(dtype: torch.
     """Both compute in fp32 and round once: parameters and momentum agree within one ulp of the
     largest value (fused multiply-adds may round differently); the C kernel must be available
     wherever a C compiler is (CI has one)."""
-    assert c_half_serves(CPU, dtype), f"C kernel unavailable: {native.unavailable_reason(C_SOURCE)}"
+    require_library(c_library(), C_SOURCE)
+    assert c_half_serves(CPU, dtype)
     ours, theirs = _c_and_composite(dtype, hp)
     for mine, reference in zip(ours, theirs):
         assert relative_error(mine, reference) <= torch.finfo(dtype).eps
@@ -166,6 +169,7 @@ def test_c_kernel_matches_the_composite_for_every_flag_combination(dtype: torch.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_c_kernel_propagates_inf_and_nan_like_the_composite(dtype: torch.dtype) -> None:
     """inf and NaN in parameters, gradients and momentum end up in the same places, with the same signs."""
+    require_library(c_library(), C_SOURCE)
     ours, theirs = _c_and_composite(dtype, FLAG_CASES[-1], poison=True)
     for mine, reference in zip(ours, theirs):
         assert torch.equal(mine.isnan(), reference.isnan())
@@ -177,6 +181,7 @@ def test_c_kernel_propagates_inf_and_nan_like_the_composite(dtype: torch.dtype) 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_c_kernel_result_does_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
     """The update is element-wise: one thread and torch's default give the same bits."""
+    require_library(c_library(), C_SOURCE)
     hp = FLAG_CASES[-1]
     threads = torch.get_num_threads()
     results = []

@@ -39,10 +39,13 @@ def library() -> NativeLibrary | None:
     return load_library(SOURCE, signatures)
 
 
+def serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether gradients on ``device`` with ``dtype`` go through the C kernels (2-norm, inf-norm, scaling)."""
+    return device.type == "cpu" and dtype in _SUFFIXES and library() is not None
+
+
 def _native(flat: torch.Tensor) -> NativeLibrary | None:
-    if flat.device.type != "cpu" or flat.dtype not in _SUFFIXES or not flat.is_contiguous():
-        return None
-    return library()
+    return library() if flat.is_contiguous() and serves(flat.device, flat.dtype) else None
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,8 +69,10 @@ def bucket_norm(bucket: FlatBucket, norm_type: float) -> torch.Tensor:
         return torch.tensor(value, dtype=dtype)
     if norm_type == math.inf:
         return torch.stack(torch.aminmax(grads)).abs().max().to(dtype)
-    chunk_norms = torch._foreach_norm(bucket.grad_chunks, norm_type, dtype=dtype)
-    return torch.linalg.vector_norm(torch.stack(chunk_norms), norm_type)
+    # Chunk norms in the gradients' dtype (accumulated in fp32 inside torch, as torch's own
+    # clip_grad_norm_ does): asking _foreach_norm for fp32 output is 1.2x slower on the CPU.
+    chunk_norms = torch._foreach_norm(bucket.grad_chunks, norm_type)
+    return torch.linalg.vector_norm(torch.stack(chunk_norms).to(dtype), norm_type)
 
 
 def scale_(flat: torch.Tensor, coefficient: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fused_core import grad_norm, registry
 from fused_testing.shapes import SHAPE_SETS
 
 from . import bench_report
@@ -366,6 +367,7 @@ def _bench_one(
     return {
         "set": name,
         "dtype": dtype,
+        "fused_kernels": _fused_kernels(device, DTYPES[dtype]),
         "tensors": contest.tensors,
         "numel": contest.numel,
         "itemsize": contest.itemsize,
@@ -384,6 +386,14 @@ def _bench_one(
         "stale_fused_steps": contest.stale_steps,
         "staleness_check": staleness,
         "ops": ops,
+    }
+
+
+def _fused_kernels(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """What does FusedSGD's work for this (device, dtype): the step's launcher and clipping's kernels."""
+    return {
+        "step": registry.kernels.entry("sgd", device, dtype).launcher.__name__,
+        "clip": "C kernels (fused_core.grad_norm)" if grad_norm.serves(device, dtype) else "torch ops",
     }
 
 

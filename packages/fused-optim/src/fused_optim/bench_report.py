@@ -60,6 +60,7 @@ def markdown(result: dict[str, Any]) -> str:
                 run["dtype"],
                 f"{run['tensors']:,}",
                 f"{run['numel']:,}",
+                f"`{run['fused_kernels']['step']}`",
                 duration(fused["first_step_s"]),
                 duration(fused["second_step_s"]),
                 duration(run["ops"]["step"]["competitors"][REFERENCE]["median_s"]),
@@ -67,9 +68,13 @@ def markdown(result: dict[str, Any]) -> str:
                 _number(check["percent_of_step"], ".3f", "%"),
             ]
         )
-    header = ["set", "dtype", "tensors", "elements", "first step (build)", "second step", "step (median)"]
-    lines += _table(header + ["staleness check", "% of step"], rows)
-    lines.append("\nFusedSGD: first and second step (warm-up, not in the medians), and the staleness check alone.")
+    header = ["set", "dtype", "tensors", "elements", "step kernel", "first step (build)", "second step"]
+    lines += _table(header + ["step (median)", "staleness check", "% of step"], rows)
+    clip = sorted({f"{run['dtype']}: {run['fused_kernels']['clip']}" for run in result["runs"]})
+    lines.append(
+        "\nFusedSGD: the launcher of its step, first and second step (warm-up, not in the medians), and the "
+        f"staleness check alone. Clipping runs on {'; '.join(clip)}."
+    )
 
     for op in OPS:
         title = OP_TITLES[op].format(max_norm=settings["max_norm"])
