@@ -353,3 +353,21 @@ def test_load_library_builds_in_the_cache_dir_env(tmp_path, monkeypatch) -> None
     want = values.to(torch.float16)
     got = convert(library, "f32_to_fp16", values, torch.empty(values.shape, dtype=torch.int16)).view(torch.float16)
     assert_same_bits(values, got, want, torch.int16, "f32_to_fp16 -O1")
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="per-user temp dirs are a POSIX notion")
+def test_build_falls_back_to_a_private_temp_dir(tmp_path, monkeypatch) -> None:
+    """A cache dir that cannot be created (under a file): the library goes to a per-user temp dir
+    closed to others (0700); one that others could write to is refused, not loaded from."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = native.build(CONVERT_C, ("-O1",), blocker / "cache")
+    assert path.parent == tmp_path / "tmp" / f"fused-optim-{os.getuid()}" and path.is_file()
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+    path.parent.chmod(0o777)
+    with pytest.raises(RuntimeError, match="not a private directory"):
+        native.build(CONVERT_C, ("-O1",), blocker / "cache")

@@ -91,6 +91,20 @@ def _library_path(source: Path, flags: Sequence[str], directory: Path) -> Path:
     return directory / f"{source.stem}-{digest.hexdigest()[:20]}.so"
 
 
+def _private_temp_dir() -> Path:
+    """A per-user directory under the system's temp dir, for when the cache dir cannot be created.
+
+    It must be ours and closed to others: a library found there is loaded into the process.
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    directory = Path(tempfile.gettempdir()) / f"fused-optim-{uid if uid is not None else 'user'}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    status = directory.stat()
+    if uid is not None and (status.st_uid != uid or status.st_mode & 0o022):
+        raise RuntimeError(f"{directory} is not a private directory of this user; set {CACHE_ENV}")
+    return directory
+
+
 def build(source: Path, flags: Sequence[str], directory: Path | None = None) -> Path:
     """Compile ``source`` with ``flags`` into the cache (unless it is there already) and return the library's path.
 
@@ -101,8 +115,7 @@ def build(source: Path, flags: Sequence[str], directory: Path | None = None) -> 
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
-        directory = Path(tempfile.gettempdir()) / f"fused-optim-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = _private_temp_dir()
     target = _library_path(source, flags, directory)
     if target.exists():
         return target
