@@ -1,4 +1,4 @@
-"""C kernels compiled on first use, cached on disk and called through :mod:`ctypes`.
+"""C kernels compiled on first use, cached on disk and called through ``ctypes``.
 
 A plugin ships a C source beside its Python code and asks :func:`load_library` for it.
 The first call on a machine compiles it with the system C compiler (``$CC``, else ``cc``)
@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 DISABLE_ENV = "FUSED_OPTIM_DISABLE_NATIVE"
+"""Set (to anything non-empty), no C kernel is built or loaded: torch ops do their work."""
 CACHE_ENV = "FUSED_OPTIM_CACHE_DIR"
+"""Where compiled libraries are kept, instead of the user's cache directory."""
 INCLUDE_DIR = Path(__file__).with_name("csrc")
+"""fused-core's C headers (``fused_half.h``), on the include path of every compilation."""
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-fopenmp"),
@@ -109,7 +112,7 @@ def build(source: Path, flags: Sequence[str], directory: Path | None = None) -> 
     """Compile ``source`` with ``flags`` into the cache (unless it is there already) and return the library's path.
 
     Concurrent builds (several ranks starting at once) each write a private file and
-    rename it into place. Raises :class:`RuntimeError` with the compiler's output on failure.
+    rename it into place. Raises ``RuntimeError`` with the compiler's output on failure.
     """
     directory = cache_dir() if directory is None else directory
     try:

@@ -18,7 +18,7 @@ Four launchers implement it:
   fp16/bf16 slices are computed in fp32 (in cache-sized chunks) and rounded once.
 * :func:`sgd_native_fused`: torch's own fused SGD op (``torch._fused_sgd_``) over the
   whole slice, for the dtypes where :func:`native_fused_agrees` has checked it against
-  :func:`sgd_composite` on the device at hand (torch 2.13's CPU build: fp32 only).
+  :func:`sgd_composite` on the device at hand (torch 2.13's CPU build: fp32 and fp64).
 * :func:`sgd_native_fused_fp32_chunks`: for fp16/bf16 where only the fp32 fused op is
   right: cache-sized chunks are upcast, updated by the fp32 fused op, and rounded once.
 * :func:`sgd_c_half`: fp16/bf16 on the CPU in one pass over memory, by a C kernel
