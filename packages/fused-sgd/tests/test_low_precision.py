@@ -9,6 +9,9 @@ are no further from the reference than torch.optim.SGD in the same dtype is.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -193,3 +196,31 @@ def test_c_kernel_result_does_not_depend_on_the_thread_count(dtype: torch.dtype)
             torch.set_num_threads(threads)
     for one, many in zip(*results):
         assert torch.equal(one.view(torch.int16), many.view(torch.int16))
+
+
+def test_without_a_compiler_low_precision_falls_back_to_torch_ops(tmp_path) -> None:
+    """In a process where no C compiler works (CC points nowhere, empty cache), fp16/bf16 route to
+    the torch-op launchers, clipping uses torch ops, and a training step still runs and says why."""
+    script = """
+import torch
+from fused_core import grad_norm, native, registry
+from fused_sgd import FusedSGD
+from fused_sgd.kernels import C_SOURCE, fp32_native_fused_serves
+cpu = torch.device("cpu")
+p = torch.randn(5000, dtype=torch.bfloat16, requires_grad=True)
+p.grad = torch.randn(5000, dtype=torch.bfloat16)
+opt = FusedSGD([p], lr=0.1, momentum=0.9)
+opt.clip_grad_norm_fused_(1.0)
+opt.step()
+for dtype in (torch.float16, torch.bfloat16):
+    expected = "sgd_native_fused_fp32_chunks" if fp32_native_fused_serves(cpu, dtype) else "sgd_composite"
+    assert registry.kernels.entry("sgd", cpu, dtype).launcher.__name__ == expected, dtype
+    assert not grad_norm.serves(cpu, dtype)
+assert "no-such-compiler" in native.unavailable_reason(C_SOURCE)
+print("fell back")
+"""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "FUSED_OPTIM_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("FUSED_OPTIM_DISABLE_NATIVE", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "fell back" in done.stdout, done.stderr
+    assert not any((tmp_path / "cache").glob("*.so"))
