@@ -3,6 +3,7 @@
 - :mod:`fused_testing.reference`: a float64 SGD written from the math.
 - :mod:`fused_testing.shapes`: parameter shape sets of real architectures.
 - :mod:`fused_testing.parity`: train two optimizers side by side and compare.
+- :mod:`fused_testing.native`: fail a C-kernel test where a compiler is but the kernel did not load.
 """
 
 from fused_testing.parity import (
