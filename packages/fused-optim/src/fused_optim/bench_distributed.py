@@ -140,6 +140,9 @@ def _rank(
             measured = measure(shapes, rounds, steps)
             if rank == 0:
                 results.put((name, measured))
+        # No rank tears its process group down while another still uses it: without this, a
+        # rank leaving early made another abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
