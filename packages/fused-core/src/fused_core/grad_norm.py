@@ -17,6 +17,7 @@ Norms come back in :func:`norm_dtype`, fp32 or wider.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -30,8 +31,11 @@ _REDUCE: Signature = (ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.
 _SCALE: Signature = (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int])
 
 
+@functools.cache
 def library() -> NativeLibrary | None:
-    """The compiled ``csrc/grad_norm.c``, or None (``native.unavailable_reason(SOURCE)`` says why)."""
+    """The compiled ``csrc/grad_norm.c``, or None (``native.unavailable_reason(SOURCE)`` says why).
+
+    Looked up once per process: every clip calls this."""
     signatures: dict[str, Signature] = {}
     for suffix in _SUFFIXES.values():
         signatures.update({f"grad_sumsq_{suffix}": _REDUCE, f"grad_maxabs_{suffix}": _REDUCE})

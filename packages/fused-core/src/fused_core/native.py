@@ -157,6 +157,9 @@ def load_library(
     """The compiled ``source`` with ``signatures`` applied, or None where it cannot be had.
 
     Built and loaded once per process and set of flags; :func:`unavailable_reason` says why not.
+    Each call checks ``FUSED_OPTIM_DISABLE_NATIVE`` and sets the signatures again (a few µs):
+    a launcher keeps the result (``functools.cache`` on its accessor) instead of calling this
+    every step.
     """
     frozen: FlagSets = tuple(tuple(flags) for flags in flag_sets)
     if os.environ.get(DISABLE_ENV):

@@ -116,8 +116,11 @@ C_FUNCTIONS = {torch.bfloat16: "sgd_bf16", torch.float16: "sgd_fp16"}
 _C_SIGNATURE = (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_int] * 4)
 
 
+@functools.cache
 def c_library() -> NativeLibrary | None:
-    """The compiled ``csrc/sgd_half.c``, or None (``fused_core.native.unavailable_reason(C_SOURCE)`` says why)."""
+    """The compiled ``csrc/sgd_half.c``, or None (``fused_core.native.unavailable_reason(C_SOURCE)`` says why).
+
+    Looked up once per process: every step calls this."""
     return load_library(C_SOURCE, {name: _C_SIGNATURE for name in C_FUNCTIONS.values()})
 
 
