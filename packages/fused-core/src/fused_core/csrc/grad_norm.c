@@ -48,7 +48,7 @@ static void scale_block(float *x, int64_t n, float c) {
  * OMP_PRAGMA (a parallel for over `threads` threads); with WRITE_BACK, the block is stored
  * back (rounded) afterwards. */
 #define OMP_FOR "omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n > PIECE)"
-#define FOR_EACH_BLOCK(T, TO_F32, FROM_F32, WRITE_BACK, OMP_PRAGMA, BODY)                                 \
+#define FOR_EACH_BLOCK(TO_F32, FROM_F32, WRITE_BACK, OMP_PRAGMA, BODY)                                 \
     _Pragma(OMP_PRAGMA)                                                                                  \
     for (int64_t k = 0; k < (n + PIECE - 1) / PIECE; k++) {                                              \
         int64_t end = n - k * PIECE < PIECE ? n : k * PIECE + PIECE;                                     \
@@ -64,18 +64,18 @@ static void scale_block(float *x, int64_t n, float c) {
 #define DEFINE_GRAD_KERNELS(SUFFIX, T, TO_F32, FROM_F32)                                                  \
     double grad_sumsq_##SUFFIX(T *x, int64_t n, int threads) {                                            \
         double total = 0.0;                                                                              \
-        FOR_EACH_BLOCK(T, TO_F32, FROM_F32, 0, "omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n > PIECE) reduction(+ : total)", total += sumsq_block(block, count)) \
+        FOR_EACH_BLOCK(TO_F32, FROM_F32, 0, "omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n > PIECE) reduction(+ : total)", total += sumsq_block(block, count)) \
         return total;                                                                                    \
     }                                                                                                    \
     double grad_maxabs_##SUFFIX(T *x, int64_t n, int threads) {                                           \
         float largest = 0.0f;                                                                            \
         int nan_seen = 0;                                                                                \
-        FOR_EACH_BLOCK(T, TO_F32, FROM_F32, 0, "omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n > PIECE) reduction(max : largest) reduction(| : nan_seen)", \
+        FOR_EACH_BLOCK(TO_F32, FROM_F32, 0, "omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n > PIECE) reduction(max : largest) reduction(| : nan_seen)", \
                        float m = maxabs_block(block, count, &nan_seen); largest = m > largest ? m : largest) \
         return nan_seen ? (double)fused_bits_to_f32(0x7fc00000u) : (double)largest;                     \
     }                                                                                                    \
     void grad_scale_##SUFFIX(T *x, int64_t n, float c, int threads) {                                     \
-        FOR_EACH_BLOCK(T, TO_F32, FROM_F32, 1, OMP_FOR, scale_block(block, count, c))                          \
+        FOR_EACH_BLOCK(TO_F32, FROM_F32, 1, OMP_FOR, scale_block(block, count, c))                          \
     }
 
 /* fp32 blocks are used in place; 16-bit blocks are converted into `scratch`. */

@@ -35,6 +35,16 @@ struct sgd_hyper { float lr, wd, mom, damp1, sign; };
 FUSED_INLINE float f32_load(float x) { return x; }
 FUSED_INLINE float f32_store(float x) { return x; }
 
+/* The specialised loop for these flags (constants, so each call site compiles to its own loop). */
+#define BY_MODE(NAME, HAS_WD)                                                                            \
+    do {                                                                                                 \
+        if (mode == NO_MOMENTUM) NAME##_special(param, grad, buf, n, h, HAS_WD, NO_MOMENTUM, 0);          \
+        else if (mode == FIRST_STEP && nesterov) NAME##_special(param, grad, buf, n, h, HAS_WD, FIRST_STEP, 1); \
+        else if (mode == FIRST_STEP) NAME##_special(param, grad, buf, n, h, HAS_WD, FIRST_STEP, 0);       \
+        else if (nesterov) NAME##_special(param, grad, buf, n, h, HAS_WD, LATER_STEP, 1);                 \
+        else NAME##_special(param, grad, buf, n, h, HAS_WD, LATER_STEP, 0);                               \
+    } while (0)
+
 /* NAME(param, grad, buf, n, hyper, mode, nesterov): the update over n elements of type T. */
 #define DEFINE_SGD_LOOP(NAME, T, LOAD, STORE)                                                             \
     FUSED_INLINE void NAME##_special(T *restrict param, const T *restrict grad, T *restrict buf, int64_t n, \
@@ -54,23 +64,12 @@ FUSED_INLINE float f32_store(float x) { return x; }
     }                                                                                                     \
     static void NAME(T *restrict param, const T *restrict grad, T *restrict buf, int64_t n,               \
                      struct sgd_hyper h, enum momentum_mode mode, int nesterov) {                         \
-        for (int has_wd = 0; has_wd < 2; has_wd++) {                                                      \
-            if (has_wd != (h.wd != 0.0f)) continue;                                                       \
-            if (mode == NO_MOMENTUM) NAME##_special(param, grad, buf, n, h, has_wd, NO_MOMENTUM, 0);       \
-            else if (mode == FIRST_STEP && nesterov) NAME##_special(param, grad, buf, n, h, has_wd, FIRST_STEP, 1); \
-            else if (mode == FIRST_STEP) NAME##_special(param, grad, buf, n, h, has_wd, FIRST_STEP, 0);    \
-            else if (nesterov) NAME##_special(param, grad, buf, n, h, has_wd, LATER_STEP, 1);              \
-            else NAME##_special(param, grad, buf, n, h, has_wd, LATER_STEP, 0);                            \
-        }                                                                                                 \
+        if (h.wd != 0.0f) BY_MODE(NAME, 1);                                                               \
+        else BY_MODE(NAME, 0);                                                                            \
     }
 
 DEFINE_SGD_LOOP(sgd_loop_bf16, uint16_t, fused_load_bf16, fused_store_bf16)
 DEFINE_SGD_LOOP(sgd_loop_f32, float, f32_load, f32_store)
-
-static void sgd_piece_bf16(uint16_t *param, const uint16_t *grad, uint16_t *buf, int64_t n,
-                           struct sgd_hyper h, enum momentum_mode mode, int nesterov) {
-    sgd_loop_bf16(param, grad, buf, n, h, mode, nesterov);
-}
 
 static void sgd_piece_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf, int64_t n,
                            struct sgd_hyper h, enum momentum_mode mode, int nesterov) {
@@ -86,7 +85,7 @@ static void sgd_piece_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf,
     }
 }
 
-/* Exported: sgd_bf16 and sgd_fp16. buf is NULL without momentum; damp1 = 1 - dampening. */
+/* Exported: sgd_bf16 (converting inside the loop) and sgd_fp16 (by blocks). buf is NULL without momentum; damp1 = 1 - dampening. */
 #define DEFINE_SGD_EXPORT(NAME, PIECE_FUNCTION)                                                            \
     void NAME(uint16_t *param, const uint16_t *grad, uint16_t *buf, int64_t n, float lr, float wd,         \
               float mom, float damp1, int nesterov, int maximize, int first, int threads) {                \
@@ -100,5 +99,5 @@ static void sgd_piece_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf,
         }                                                                                                  \
     }
 
-DEFINE_SGD_EXPORT(sgd_bf16, sgd_piece_bf16)
+DEFINE_SGD_EXPORT(sgd_bf16, sgd_loop_bf16)
 DEFINE_SGD_EXPORT(sgd_fp16, sgd_piece_fp16)
