@@ -124,29 +124,43 @@ def test_odd_layouts_train_like_the_reference(signum, generator) -> None:
     assert params["scalar"].shape == () and params["empty"].shape == (0, 7)
 
 
-def test_steady_state_takes_the_hot_path(signum, generator, monkeypatch) -> None:
-    """Once laid out, steps whose gradients are written in place (fused-core's default zero_grad
-    and backward) re-adopt nothing: no per-parameter work, even with 0-dim and empty parameters."""
+def _count_cold_paths(monkeypatch) -> tuple[list[int], list[int]]:
+    reconciles: list[int] = []
+    layouts: list[int] = []
+    original_reconcile, original_init = Layout.reconcile, Layout.__init__
+    monkeypatch.setattr(
+        Layout, "reconcile", lambda self, state: reconciles.append(1) or original_reconcile(self, state)
+    )
+    monkeypatch.setattr(Layout, "__init__", lambda self, *a, **k: layouts.append(1) or original_init(self, *a, **k))
+    return reconciles, layouts
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["fresh-gradients", "gradients-in-place"])
+def test_steady_state_takes_the_hot_path(signum, generator, monkeypatch, set_to_none: bool) -> None:
+    """Once laid out, steps re-adopt nothing, whether autograd hands over fresh gradient tensors
+    (torch's default zero_grad) or accumulates into the existing ones (set_to_none=False), even
+    with 0-dim and empty parameters; and every gradient the user set stays ``p.grad``."""
     params = _odd_layouts(generator)
     optimizer = signum.Signum(list(params.values()), lr=0.01)
     for name, grad in _grads(params, generator).items():
         params[name].grad = grad
     for _ in range(3):  # the first steps lay out and initialise state
         optimizer.step()
-    reconciles, layouts = [], []
-    original_reconcile, original_init = Layout.reconcile, Layout.__init__
-    monkeypatch.setattr(
-        Layout, "reconcile", lambda self, state: reconciles.append(1) or original_reconcile(self, state)
-    )
-    monkeypatch.setattr(Layout, "__init__", lambda self, *a, **k: layouts.append(1) or original_init(self, *a, **k))
+    reconciles, layouts = _count_cold_paths(monkeypatch)
     for _ in range(4):
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=set_to_none)
         for name, grad in _grads(params, generator).items():
-            params[name].grad.add_(grad)  # what backward does to an existing gradient
+            if set_to_none:
+                assert params[name].grad is None
+                params[name].grad = grad  # what backward does after zero_grad()
+            else:
+                params[name].grad.add_(grad)  # what backward does to an existing gradient
+        given = {name: p.grad for name, p in params.items()}
         optimizer.step()
+        assert all(params[name].grad is grad for name, grad in given.items())
     assert reconciles == [] and layouts == []
-    # the probe is live: re-assigning one gradient is noticed
-    params["linear"].grad = params["linear"].grad.clone()
+    # the probe is live: re-pointing one parameter is noticed
+    params["linear"].data = params["linear"].detach().clone()
     optimizer.step()
     assert reconciles or layouts
 
@@ -183,17 +197,16 @@ def test_one_bucket_per_dtype_and_each_group_contiguous(signum, generator) -> No
         assert [(s.group, s.index) for s in slots] == sorted((s.group, s.index) for s in slots)
         assert all(a.end <= b.offset for a, b in zip(slots, slots[1:]))
         assert slots[-1].end <= bucket.params.numel()
-        # one kernel run per group present in the bucket, covering exactly that group's range
-        runs = [run for run in layout.runs if run.bucket is bucket]
-        assert [run.group for run in runs] == sorted({slot.group for slot in slots})
-        for run in runs:
-            members = [slot for slot in slots if slot.group == run.group]
-            assert run.slots == members
+        # one launch range per group present in the bucket, covering exactly that group's range
+        ranges = [span for span in layout.ranges if span.bucket is bucket]
+        assert [span.group for span in ranges] == sorted({slot.group for slot in slots})
+        for span in ranges:
+            members = [slot for slot in slots if slot.group == span.group]
+            assert slots[span.first : span.last] == members
             start, end = members[0].offset, members[-1].end
-            assert run.params.data_ptr() == bucket.params.data_ptr() + start * itemsize
-            assert run.params.numel() == end - start
-            assert run.grads.data_ptr() == bucket.grads.data_ptr() + start * itemsize
-            assert run.params.dtype == bucket.plan.dtype and run.params.is_contiguous()
+            assert span.params.data_ptr() == bucket.params.data_ptr() + start * itemsize
+            assert span.params.numel() == end - start
+            assert span.params.dtype == bucket.plan.dtype and span.params.is_contiguous()
         # writing the flat buffer writes the parameters: they are views of it
         marks = torch.arange(bucket.params.numel(), dtype=torch.float64) / 4096
         bucket.params.copy_(marks)
@@ -213,6 +226,7 @@ def test_grads_are_views_into_the_flat_grad_buffer(signum, generator) -> None:
         twins[name].grad = grad.double()
     optimizer.step()
     reference.step()
+    optimizer.get_combined_grads()  # binds every gradient to the flat gradient buffer
     grads_before = {name: p.grad for name, p in params.items()}
 
     # Write new gradients through the flat buffers only...

@@ -127,6 +127,7 @@ def test_slots_are_sized_by_storage_size_and_aligned_to_512_bytes(npu, signum, g
         p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
     optimizer = signum.Signum(params, lr=0.01)
     optimizer.step()
+    optimizer.get_combined_grads()  # binds the gradients to the flat gradient buffer
 
     fp32, fp16 = optimizer._layout.buckets
     # 512 bytes = 128 fp32 / 256 fp16 elements
@@ -150,6 +151,7 @@ def test_private_format_parameter_keeps_its_format_and_values_when_bound(npu, si
         p.grad = torch.zeros_like(p)
     optimizer = signum.Signum([bias, weight], lr=0.0)  # binds, and leaves the values where they are
     optimizer.step()
+    optimizer.get_combined_grads()  # binds the gradients too
 
     (bucket, _), (_, slot) = slots(optimizer)
     assert npu.fmt(weight) == NC1HWC0 and npu.torch_npu.get_storage_size(weight) == size == slot.numel
@@ -166,7 +168,7 @@ def test_private_format_parameter_keeps_its_format_and_values_when_bound(npu, si
     assert not region[weight.numel() :].any()
 
 
-def test_nd_gradient_is_cast_to_the_parameter_format_when_bound(npu, signum, generator, monkeypatch) -> None:
+def test_nd_gradient_is_cast_to_the_parameter_format_when_read_and_bound(npu, signum, generator, monkeypatch) -> None:
     weight = npu.cast(nn.Parameter(torch.randn(4, 6, 3, 3, generator=generator)), NC1HWC0)
     casts: list[tuple[int, int]] = []
     real_cast = npu.torch_npu.npu_format_cast
@@ -184,6 +186,8 @@ def test_nd_gradient_is_cast_to_the_parameter_format_when_bound(npu, signum, gen
         casts.clear()
         optimizer.step()
         assert (ND, NC1HWC0) in casts, f"step {step}: the ND gradient was not cast to NC1HWC0"
+        assert npu.fmt(weight.grad) == ND, f"step {step}: the step reads the gradient, it does not replace it"
+        optimizer.get_combined_grads()  # binds it: cast to the parameter's format, in its slot
         assert npu.fmt(weight.grad) == NC1HWC0, f"step {step}"
         assert torch.equal(weight.grad, grad), f"step {step}"
         ((bucket, slot),) = slots(optimizer)
@@ -395,7 +399,8 @@ def test_rebuilt_layout_sizes_bound_nd_parameters_by_numel(npu, signum, generato
 
 
 def _assert_bound_consistently(npu: Npu, optimizer: torch.optim.Optimizer) -> None:
-    """Every parameter's storage fits its slot, and its gradient and state have its format."""
+    """Every parameter's storage fits its slot, and its gradient (once bound) and state have its format."""
+    optimizer.get_combined_grads()  # a step reads gradients where they lie; binding casts them into their slots
     for _, slot in slots(optimizer):
         p = slot.param
         assert npu.torch_npu.get_storage_size(p) <= slot.numel or npu.fmt(p) == ND, "storage overruns its slot"

@@ -66,7 +66,7 @@ def test_missing_lr_is_value_error() -> None:
     with pytest.raises(ValueError, match="'lr'"):
         NpuFusedSGD(_params())
     with pytest.raises(ValueError, match="param group 1.*'lr'"):
-        FusedSGD([{"params": _params()[:1], "lr": 0.1}, {"params": _params()[1:]}])
+        NpuFusedSGD([{"params": _params()[:1], "lr": 0.1}, {"params": _params()[1:]}])
 
 
 def test_bad_param_group_and_add_param_group_leave_optimizer_unchanged() -> None:

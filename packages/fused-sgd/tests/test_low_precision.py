@@ -203,7 +203,7 @@ def test_without_a_compiler_low_precision_falls_back_to_torch_ops(tmp_path) -> N
     the torch-op launchers, clipping uses torch ops, and a training step still runs and says why."""
     script = """
 import torch
-from fused_core import grad_norm, native, registry
+from fused_core import gradients, grad_norm, native, registry
 from fused_sgd import FusedSGD
 from fused_sgd.kernels import C_SOURCE, fp32_native_fused_serves
 cpu = torch.device("cpu")
@@ -217,9 +217,11 @@ for dtype in (torch.float16, torch.bfloat16):
     assert registry.kernels.entry("sgd", cpu, dtype).launcher.__name__ == expected, dtype
     assert not grad_norm.serves(cpu, dtype)
 assert "no-such-compiler" in native.unavailable_reason(C_SOURCE)
+assert gradients.library() is None  # gradients are read from Python
 print("fell back")
 """
-    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "FUSED_OPTIM_CACHE_DIR": str(tmp_path / "cache")}
+    nowhere = str(tmp_path / "no-such-compiler")
+    env = {**os.environ, "CC": nowhere, "CXX": nowhere, "FUSED_OPTIM_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("FUSED_OPTIM_DISABLE_NATIVE", None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "fell back" in done.stdout, done.stderr

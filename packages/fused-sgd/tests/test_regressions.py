@@ -148,12 +148,10 @@ def test_new_gradients_are_used_when_old_ones_are_still_referenced() -> None:
         assert relative_error(p, q) <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="documented limit: a mid-run gradient reset while the old one is referenced")
 def test_one_gradient_set_to_none_while_referenced_is_skipped() -> None:
     """One layer in the middle is frozen for a step (``p.grad = None``) while a reference to its
-    old gradient is kept: torch skips it. Ours still updates it from the stale flat gradient:
-    the kept reference holds the use count, the parameter is not in the gradless list and not
-    the first or last of its run (Layout.is_current's sentinels), so no reconcile happens."""
+    old gradient is kept: torch skips it, and so do we (every step reads every ``.grad``; this
+    was a documented limit while gradients were watched through storage use counts)."""
     results = []
     for cls in (FusedSGD, torch_sgd):
         model = make_model("mlp")

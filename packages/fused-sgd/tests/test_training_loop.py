@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_sgd import FusedSGD
+from fused_sgd import FusedSGD, NpuFusedSGD
 from fused_testing.parity import assert_parity, make_batches, make_model, train_side_by_side
 from fused_testing.reference import relative_error
 
@@ -144,18 +144,22 @@ def test_tensor_lr(name: str) -> None:
 
 
 # ----- zero_grad ------------------------------------------------------------------
-def test_zero_grad_keeps_zero_gradients_by_default() -> None:
-    assert inspect.signature(FusedSGD.zero_grad).parameters["set_to_none"].default is False
+def test_zero_grad_defaults_are_torchs_and_torch_npus() -> None:
+    """FusedSGD's default is torch's (every .grad becomes None); NpuFusedSGD keeps torch_npu's (zeroed)."""
+    torch_default = inspect.signature(torch.optim.SGD.zero_grad).parameters["set_to_none"].default
+    assert torch_default is True
+    assert inspect.signature(FusedSGD.zero_grad).parameters["set_to_none"].default is torch_default
+    assert inspect.signature(NpuFusedSGD.zero_grad).parameters["set_to_none"].default is False
     model = make_model("mlp")
-    optimizer = FusedSGD(model.parameters(), lr=0.05, momentum=0.9)
+    fused, npu = FusedSGD(model.parameters(), lr=0.05), NpuFusedSGD(model.parameters(), lr=0.05)
     for inputs, targets in make_batches("mlp", 3):
         F.cross_entropy(model(inputs), targets).backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-        optimizer.step()
-        optimizer.zero_grad()
-        for p in model.parameters():
-            assert isinstance(p.grad, Tensor) and p.grad.shape == p.shape
-            assert torch.count_nonzero(p.grad) == 0
+        fused.step()
+        grads = [p.grad for p in model.parameters()]
+        npu.zero_grad()
+        assert all(p.grad is g and torch.count_nonzero(g) == 0 for p, g in zip(model.parameters(), grads))
+        fused.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("set_to_none", [False, True, None])

@@ -1,9 +1,9 @@
 """torch.distributed.checkpoint: get/set_optimizer_state_dict and dcp.save/dcp.load round-trip FusedSGD's state.
 
 Training resumed from a checkpoint goes on exactly like training that never stopped, and
-the checkpoint has torch.optim.SGD's layout: torch.optim.SGD resumes from it (loading
-partially: FusedSGD's param groups lack foreach/fused/differentiable), and FusedSGD resumes
-from torch.optim.SGD's. The gradients are averaged with fused_core.distributed.all_reduce_grads.
+the checkpoint has torch.optim.SGD's layout (the same param group keys): torch.optim.SGD
+resumes from it, and FusedSGD resumes from torch.optim.SGD's. The gradients are averaged
+with fused_core.distributed.all_reduce_grads.
 """
 
 from __future__ import annotations
@@ -40,15 +40,10 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: st
     dcp.save(state, checkpoint_id=directory)
 
 
-def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str, *, partial: bool = False) -> None:
-    """Into freshly built objects: their state dicts are the templates dcp.load fills in place.
-
-    ``partial``: keys the checkpoint lacks keep the template's values. torch.optim.SGD needs
-    it to load FusedSGD's checkpoint, whose param groups have no ``foreach``, ``fused`` and
-    ``differentiable`` entries.
-    """
+def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Into freshly built objects: their state dicts are the templates dcp.load fills in place."""
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=directory, planner=DefaultLoadPlanner(allow_partial_load=partial))
+    dcp.load(state, checkpoint_id=directory, planner=DefaultLoadPlanner())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
@@ -77,7 +72,7 @@ def checkpoint_case(directory: str) -> dict[str, float]:
     load(resumed, resumed_optimizer, directory)
     by_torch = make_model("mlp", seed=1)
     torch_optimizer = torch_sgd(by_torch.parameters())
-    load(by_torch, torch_optimizer, directory, partial=True)
+    load(by_torch, torch_optimizer, directory)
     result = {
         "loaded_momentum_error": momentum_error(resumed_optimizer, resumed, optimizer, model),
         "torch_loaded_momentum_error": momentum_error(torch_optimizer, by_torch, optimizer, model),

@@ -28,6 +28,8 @@ class Slot:
     numel: int
     shape: torch.Size
     stride: tuple[int, ...]
+    position: int = 0
+    """Index of the slot in its bucket."""
 
     @property
     def end(self) -> int:
@@ -95,6 +97,7 @@ def plan_buckets(param_groups: Sequence[dict]) -> list[BucketPlan]:
                     numel,
                     param.shape,
                     layout_stride(param),
+                    len(bucket.slots),
                 )
             )
             bucket.numel = offset + numel

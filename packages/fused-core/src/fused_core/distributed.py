@@ -52,13 +52,15 @@ def all_reduce_grads(
 
     Call it between ``backward()`` and ``optimizer.step()`` on every rank of ``group``
     (default: the whole world). Gradients replaced since the last step (``zero_grad(
-    set_to_none=True)``, ``p.grad = t``) are copied into the flat buffers first.
+    set_to_none=True)``, ``p.grad = t``) are bound to the flat buffers first
+    (:meth:`~fused_core.layout.Layout.bind_grads`).
 
     ``find_unused_parameters=True`` also all-reduces one flag per parameter, so a parameter
     that some ranks left without a gradient is updated on every rank with the average;
     without it, a parameter must have a gradient on all ranks or on none.
     """
     layout = optimizer._current_layout()
+    layout.bind_grads()
     world_size = dist.get_world_size(group)
     works = []
     for bucket in layout.buckets:

@@ -1,5 +1,6 @@
 """Flat buffers: one contiguous buffer each for a bucket's parameters, gradients
-and every per-parameter state buffer, all with the same layout.
+and every per-parameter state buffer, all with the same layout (the gradient buffer
+only once something needs the gradients in one place).
 
 Binding re-points a tensor at its slice: a parameter keeps its identity
 (``id(p)``), shape, strides, values and ``requires_grad``; only its storage moves.
@@ -21,13 +22,47 @@ class FlatBucket:
     def __init__(self, plan: BucketPlan, state_names: Iterable[str]) -> None:
         self.plan = plan
         self.backend = get_backend(plan.device)
-        make = lambda: torch.zeros(plan.numel, dtype=plan.dtype, device=plan.device)  # noqa: E731
-        self.params = make()
-        self.grads = make()
-        self.state = {name: make() for name in state_names}
-        # Made here, not on first use, so the layout's use-count snapshot includes these views.
-        self.grad_chunks = list(self.grads.split(self.NORM_CHUNK))
+        self.params = self._make()
+        self.state = {name: self._make() for name in state_names}
+        self._grads: torch.Tensor | None = None
+        self._grad_chunks: list[torch.Tensor] | None = None
+        self._grad_addresses: torch.Tensor | None = None
+        self.offsets = torch.tensor([slot.offset for slot in plan.slots], dtype=torch.int64)
+        """Every slot's element offset, for the CPU kernels that take slot tables."""
+        self.numels = torch.tensor([slot.numel for slot in plan.slots], dtype=torch.int64)
+        """Every slot's element count."""
+
+    def _make(self) -> torch.Tensor:
+        return torch.zeros(self.plan.numel, dtype=self.plan.dtype, device=self.plan.device)
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """The flat gradient buffer, allocated on first use: in torch's default loop gradients are
+        read where autograd put them, and this buffer is never needed."""
+        if self._grads is None:
+            self._grads = self._make()
+        return self._grads
+
+    @property
+    def grads_allocated(self) -> bool:
+        return self._grads is not None
+
+    @property
+    def grad_chunks(self) -> list[torch.Tensor]:
         """The flat gradient buffer as fixed-size views, for chunked reductions (gradient norms)."""
+        if self._grad_chunks is None:
+            self._grad_chunks = list(self.grads.split(self.NORM_CHUNK))
+        return self._grad_chunks
+
+    def address(self, flat: torch.Tensor, slot: Slot) -> int:
+        """The address of ``slot``'s first element in ``flat``."""
+        return flat.data_ptr() + slot.offset * flat.element_size()
+
+    def grad_addresses(self) -> torch.Tensor:
+        """Every slot's address in the flat gradient buffer (int64)."""
+        if self._grad_addresses is None:
+            self._grad_addresses = self.offsets * self.grads.element_size() + self.grads.data_ptr()
+        return self._grad_addresses
 
     NORM_CHUNK = 1 << 17
     """Elements per chunk of :attr:`grad_chunks`: a single norm over millions of elements
@@ -35,8 +70,9 @@ class FlatBucket:
     with torch 2.13), one per 128 Ki elements stays below 1e-6."""
 
     @property
-    def buffers(self) -> list[torch.Tensor]:
-        return [self.params, self.grads, *self.state.values()]
+    def watched_buffers(self) -> list[torch.Tensor]:
+        """The buffers whose bound tensors the staleness check watches: parameters and state."""
+        return [self.params, *self.state.values()]
 
     def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
         """A new tensor for ``slot``'s region of ``flat``, shaped and strided like the parameter."""
@@ -61,13 +97,6 @@ class FlatBucket:
         """Move the parameter's values into its slot and bind the parameter there.
         Returns whether the binding shares the flat storage (see :class:`Backend`)."""
         return self.backend.adopt(slot.param, self.params, slot.offset, slot.stride)
-
-    def bind_grad(self, slot: Slot, grad: torch.Tensor) -> None:
-        """Copy ``grad`` into the slot's gradient region and make that region ``param.grad``."""
-        view = self.view(self.grads, slot)
-        with torch.no_grad():
-            view.copy_(self.backend.match_param(slot.param, grad))
-        slot.param.grad = view
 
     def bind_state(self, name: str, slot: Slot, value: torch.Tensor | None) -> torch.Tensor:
         """The slot's region of state buffer ``name``, filled from ``value`` when given."""

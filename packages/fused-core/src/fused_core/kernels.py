@@ -9,6 +9,18 @@ each state-buffer name to its slice, ``hyperparams`` is the param group dict
 (read every step, so schedulers are honoured) and ``first_step`` is True when
 the state buffers of this slice have not been initialised yet.
 
+A *segment launcher*, registered under :func:`segments_kernel` of the kernel's name,
+reads every parameter's gradient where it lies instead (autograd's fresh gradient
+tensors, in torch's default loop), so that nothing is copied first::
+
+    launcher(params, state, grads: GradSegments, hyperparams) -> int
+
+``params`` and ``state`` cover one param group's slots of a bucket; ``grads`` says
+where each slot is and where its gradient lies, which slots have one, and which
+have initialised state (the launcher marks the slots it initialises with 2 and
+returns how many). The core uses one where registered for (device, dtype), and
+otherwise copies the gradients into the flat gradient buffer and calls the launcher.
+
 Resolution order for a tensor on ``device`` with ``dtype`` (first match wins;
 within one level the most recent registration wins):
 
@@ -46,6 +58,60 @@ class Launcher(Protocol):
         hyperparams: Mapping[str, Any],
         first_step: bool,
     ) -> None: ...
+
+
+SEGMENTS_SUFFIX = "[segments]"
+
+
+def segments_kernel(kernel: str) -> str:
+    """The registry name of ``kernel``'s segment launchers: ``"sgd"`` -> ``"sgd[segments]"``."""
+    return kernel + SEGMENTS_SUFFIX
+
+
+@dataclass(frozen=True)
+class GradSegments:
+    """Where the gradients of one run of slots lie (CPU addresses), for a segment launcher.
+
+    Slot ``i`` occupies elements ``offsets[i] : offsets[i] + numels[i]`` of the run's ``params``
+    and state slices; if ``has_grad[i]``, its gradient is the dense array at address ``ptrs[i]``,
+    with the parameter's dtype and memory order.
+    """
+
+    ptrs: torch.Tensor
+    """int64 addresses of the gradients (0 where none)."""
+    has_grad: torch.Tensor
+    """int8, 1 where the slot has a gradient this step."""
+    offsets: torch.Tensor
+    """int64 element offsets of the slots from the start of the run."""
+    numels: torch.Tensor
+    """int64 element counts of the slots."""
+    initialized: torch.Tensor
+    """uint8, 1 where the slot's state is initialised; a launcher sets 2 where it initialises it."""
+
+    @property
+    def slots(self) -> int:
+        return self.offsets.numel()
+
+    @classmethod
+    def whole(cls, grads: torch.Tensor, *, initialized: bool) -> GradSegments:
+        """One slot covering a whole contiguous gradient slice (a flat launcher's view of its run)."""
+        return cls(
+            ptrs=torch.tensor([grads.data_ptr()], dtype=torch.int64),
+            has_grad=torch.ones(1, dtype=torch.int8),
+            offsets=torch.zeros(1, dtype=torch.int64),
+            numels=torch.tensor([grads.numel()], dtype=torch.int64),
+            initialized=torch.tensor([int(initialized)], dtype=torch.uint8),
+        )
+
+
+class SegmentLauncher(Protocol):
+    def __call__(
+        self,
+        params: torch.Tensor,
+        state: Mapping[str, torch.Tensor],
+        grads: GradSegments,
+        hyperparams: Mapping[str, Any],
+    ) -> int: ...
 
 
 LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
@@ -149,6 +215,13 @@ class KernelRegistry:
 
     def resolve(self, kernel: str, device: torch.device, dtype: torch.dtype) -> Launcher:
         return self.entry(kernel, device, dtype).launcher
+
+    def find(self, kernel: str, device: torch.device, dtype: torch.dtype) -> Any | None:
+        """The launcher serving (kernel, device, dtype), or None where none is registered."""
+        try:
+            return self.entry(kernel, device, dtype).launcher
+        except LookupError:
+            return None
 
     def _accepts(self, entry: KernelEntry, device: torch.device, dtype: torch.dtype) -> bool | None:
         """``entry.accepts``, remembered: a predicate runs once per (entry, device, dtype)."""

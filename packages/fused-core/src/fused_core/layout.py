@@ -1,46 +1,57 @@
-"""The live layout of a fused optimizer: flat buckets, the kernel runs of a step,
+"""The live layout of a fused optimizer: flat buckets, the kernel launches of a step,
 and the staleness check that guards them.
 
-Hot path (every step): :meth:`Layout.is_current` compares each flat buffer's
-storage use count with the count taken when the layout was last bound, and looks
-at the few parameters that had no gradient. Any re-pointed parameter, gradient
-or state tensor drops a use count, so a changed count is the signal to run
-:meth:`Layout.reconcile`, the cold path that walks every parameter.
+Parameters and state live in flat buffers (bound once, re-bound only when something moves
+them). Gradients are read where they lie, every step: autograd's fresh tensors in torch's
+default loop, or views of the flat gradient buffer once :meth:`Layout.bind_grads` put them
+there (``zero_grad(set_to_none=False)``, ``get_combined_grads()``, clipping). ``p.grad is g``
+stays true for every gradient the user or autograd set.
 
-Reconcile policy, per parameter:
+A step, per bucket:
 
-* param re-allocated with the same device, dtype and shape: its values are
-  copied into its slot and it is re-pointed there (state kept);
-* param moved to another device or dtype: the whole layout is rebuilt, state
-  carried over (converted like the parameter);
+* CPU with the gradient reader (:mod:`fused_core.gradients`) and a segment launcher: one C++
+  call reads every slot's gradient address and status, one launcher call per param group
+  updates the slots that have a gradient, reading them in place;
+* otherwise: each ``.grad`` is read from Python and, unless it already is the slot's view of the
+  flat gradient buffer, copied there; the flat launcher then runs over each maximal run of
+  slots with a gradient (same group, same state initialisation).
+
+Hot path (every step): :meth:`Layout.is_current` compares the storage use count of every flat
+parameter and state buffer with the count taken when the layout was last bound, and the data
+pointers of a few sentinel parameters; the CPU reader also checks every parameter's address.
+Anything else is the cold path, :meth:`Layout.reconcile`, which walks every parameter:
+
+* param re-allocated with the same device, dtype and shape: its values are copied into its
+  slot and it is re-pointed there (state kept);
+* param moved to another device or dtype: the whole layout is rebuilt, state carried over;
 * param re-allocated with another shape: :class:`ParameterReallocatedError`;
-* gradient replaced (``p.grad = t``, autograd writing a fresh tensor after
-  ``grad = None``, DDP bucket views): copied into its slot and re-bound;
-  a gradient whose dtype, shape or device differ from the parameter's is an error;
-* state tensor replaced (``load_state_dict``): copied into its slot and re-bound.
+* state tensor replaced (``load_state_dict``): copied into its slot and re-bound; a state
+  value of None (torch's "no momentum buffer yet") re-initialises it at the next step.
 
-Nothing is modified until every parameter has been checked.
+Nothing is modified until every parameter and gradient has been checked.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import gradients
 from .buckets import Slot, plan_buckets
 from .errors import InvalidParameterError, ParameterReallocatedError
 from .flat import FlatBucket
-from .kernels import KernelRegistry, Launcher
+from .kernels import GradSegments, KernelRegistry, Launcher, SegmentLauncher, segments_kernel
 
 State = MutableMapping[torch.Tensor, dict[str, Any]]
+InitializesState = Callable[[dict[str, Any]], bool]
 
 
 @dataclass(eq=False)
 class Run:
-    """One kernel launch: a contiguous range of one group's slots in one bucket."""
+    """One flat launch: a contiguous range of one group's slots in one bucket."""
 
     group: int
     launcher: Launcher
@@ -56,6 +67,19 @@ class Run:
         self.params = self.bucket.params[start:end]
         self.grads = self.bucket.grads[start:end]
         self.state = {name: flat[start:end] for name, flat in self.bucket.state.items()}
+
+
+@dataclass(eq=False)
+class GroupRange:
+    """One param group's slots ``[first, last)`` in one bucket, with the slices a segment launch needs."""
+
+    group: int
+    bucket: FlatBucket
+    first: int
+    last: int
+    params: torch.Tensor
+    state: dict[str, torch.Tensor]
+    grads: GradSegments | None = None
 
 
 def check_grad(slot: Slot, grad: torch.Tensor) -> None:
@@ -74,6 +98,15 @@ def check_grad(slot: Slot, grad: torch.Tensor) -> None:
             raise InvalidParameterError(f"{slot.describe()} has a gradient of {what} {got}, expected {want}")
 
 
+def owns_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the only tensor over its storage (not a view, nothing else shares it),
+    so re-pointing it (``tensor.data = ...``) cannot be seen through another tensor."""
+    if tensor._is_view():
+        return False
+    # The tensor's own reference, and the one of the storage object made to ask.
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
+
+
 class Layout:
     def __init__(
         self,
@@ -83,90 +116,277 @@ class Layout:
         kernel: str,
         state_names: Sequence[str],
         registry: KernelRegistry,
+        initializes_state: InitializesState,
     ) -> None:
         self.state_names = tuple(state_names)
+        self.initializes_state = initializes_state
         plans = plan_buckets(param_groups)
         launchers = [registry.resolve(kernel, plan.device, plan.dtype) for plan in plans]
+        reader = gradients.library()
+        segment_launchers = [
+            registry.find(segments_kernel(kernel), plan.device, plan.dtype)
+            if reader is not None and plan.device.type == "cpu"
+            else None
+            for plan in plans
+        ]
         for plan in plans:
             for slot in plan.slots:
-                self._check_slot_inputs(slot, state)
+                self._check_states(slot, state)
         self.buckets = [FlatBucket(plan, self.state_names) for plan in plans]
         self._launchers = dict(zip(self.buckets, launchers))
+        self._segment_launchers: dict[FlatBucket, SegmentLauncher] = {
+            bucket: launcher for bucket, launcher in zip(self.buckets, segment_launchers) if launcher is not None
+        }
         self._unshared: set[Slot] = set()
         self._formats: dict[Slot, object] = {}
         for bucket in self.buckets:
             for slot in bucket.plan.slots:
                 self._bind_param(bucket, slot)
-                if slot.param.grad is not None:
-                    bucket.bind_grad(slot, slot.param.grad)
-                self._bind_states(bucket, slot, state, copy=True)
-        self.runs: list[Run] = []
+                self._bind_states(bucket, slot, state)
+        self._tables: dict[FlatBucket, gradients.GradTable] = {}
+        if reader is not None:
+            for bucket in self._segment_launchers:
+                slots = bucket.plan.slots
+                self._tables[bucket] = gradients.GradTable(
+                    reader, [slot.param for slot in slots], [bucket.address(bucket.params, slot) for slot in slots]
+                )
+        self.ranges: list[GroupRange] = []
+        for bucket in self.buckets:
+            self.ranges += self._group_ranges(bucket)
+        self._initialized = {bucket: torch.zeros(len(bucket.plan.slots), dtype=torch.uint8) for bucket in self.buckets}
         self._watched: list[tuple[int, int]] = []
-        self._gradless: list[torch.Tensor] = []
-        self._sentinels: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
+        self._sentinels: list[tuple[torch.Tensor, int]] = []
         self.refresh(state)
 
     # ----- hot path -------------------------------------------------------
     def is_current(self) -> bool:
-        """O(buckets + runs + gradless params): has anything been re-pointed since the last bind?
+        """O(buckets + groups): has a parameter or state tensor been re-pointed since the last bind?
 
-        Three cheap signals: the use count of every flat storage (any bound tensor re-pointed
-        elsewhere drops it), the parameters that had no gradient (one may have got one), and
-        sentinel parameters whose gradient object and data pointer must be the bound ones: the
-        first and last of every run (this catches whole-model resets such as
-        ``model.zero_grad()`` or ``model.half()`` even while other references keep the old flat
-        views alive) and every parameter whose binding does not share the flat storage (NPU
-        private formats), which the use counts cannot see.
+        Two cheap signals: the use count of every flat parameter and state storage (any bound
+        tensor re-pointed elsewhere drops it), and sentinel parameters whose data pointer must be
+        the bound one: the first and last of every group's range in a bucket (this catches
+        whole-model changes such as ``model.half()`` even while other references keep the old
+        flat views alive) and every parameter whose binding does not share the flat storage (NPU
+        private formats), which the use counts cannot see. On the CPU the gradient reader also
+        checks every parameter's address at every step.
         """
         for cdata, count in self._watched:
             if torch._C._storage_Use_Count(cdata) != count:
                 return False
-        for param in self._gradless:
-            if param.grad is not None:
-                return False
-        for param, grad, data_ptr in self._sentinels:
-            if param.grad is not grad or param.data_ptr() != data_ptr:
+        for param, data_ptr in self._sentinels:
+            if param.data_ptr() != data_ptr:
                 return False
         return True
 
+    def launch(self, groups: Sequence[dict[str, Any]], state: State) -> bool:
+        """One update of every parameter that has a gradient. Returns False, having changed
+        nothing, when a parameter turned out to have moved (reconcile, then launch again)."""
+        plans: list[tuple[FlatBucket, list[Run] | None]] = []
+        for bucket in self.buckets:
+            table = self._tables.get(bucket)
+            if table is not None:
+                if table.read() and not self._resolve_problems(bucket, table):
+                    return False
+                plans.append((bucket, None))
+            else:
+                plans.append((bucket, self._staged_runs(bucket)))
+        started = []
+        for bucket, runs in plans:
+            if runs is None:
+                started += self._launch_segments(bucket, groups)
+            else:
+                started += self._launch_runs(runs, groups)
+        if started:
+            self._start_state(started, state)
+        return True
+
+    def _launch_segments(self, bucket: FlatBucket, groups: Sequence[dict[str, Any]]) -> list[tuple[FlatBucket, int]]:
+        launcher = self._segment_launchers[bucket]
+        started = []
+        for span in self.ranges:
+            if span.bucket is bucket and span.grads is not None:
+                if launcher(span.params, span.state, span.grads, groups[span.group]):
+                    marked = (span.grads.initialized == 2).nonzero().flatten().tolist()
+                    started += [(bucket, span.first + index) for index in marked]
+        return started
+
+    def _launch_runs(self, runs: list[Run], groups: Sequence[dict[str, Any]]) -> list[tuple[FlatBucket, int]]:
+        started = []
+        for run in runs:
+            group = groups[run.group]
+            run.launcher(run.params, run.grads, run.state, group, run.first_step)
+            if run.first_step and self.state_names and self.initializes_state(group):
+                started += [(run.bucket, slot.position) for slot in run.slots]
+        return started
+
+    # ----- gradients (the fallback path, and binding) ---------------------------
+    def _resolve_problems(self, bucket: FlatBucket, table: gradients.GradTable) -> bool:
+        """Slots the reader could not serve in place: raise for a mismatched gradient, copy one with
+        other strides into the flat gradient buffer, and report a moved parameter (False)."""
+        problems = (table.status >= gradients.NEEDS_COPY).nonzero().flatten().tolist()
+        slots = bucket.plan.slots
+        if any(int(table.status[index]) == gradients.MOVED for index in problems):
+            return False
+        for index in problems:
+            slot = slots[index]
+            check_grad(slot, slot.param.grad)
+        for index in problems:  # NEEDS_COPY: same shape, other strides
+            slot = slots[index]
+            bucket.view(bucket.grads, slot).copy_(slot.param.grad)
+            table.ptrs[index] = bucket.address(bucket.grads, slot)
+            table.status[index] = gradients.IN_PLACE
+        return True
+
+    def _staged_runs(self, bucket: FlatBucket) -> list[Run]:
+        """Read every gradient from Python, check it, copy it into the flat gradient buffer unless it
+        is bound there already, and return the flat runs over the slots that have one."""
+        slots = bucket.plan.slots
+        grads = [slot.param.grad for slot in slots]
+        for slot, grad in zip(slots, grads):
+            if grad is not None:
+                check_grad(slot, grad)
+        initialized = self._initialized[bucket].tolist()
+        pending: list[tuple[tuple[int, bool], list[Slot]]] = []
+        previous = False
+        for slot, grad, ready in zip(slots, grads, initialized):
+            if grad is None:
+                previous = False
+                continue
+            if not bucket.holds(bucket.grads, slot, grad):
+                with torch.no_grad():
+                    bucket.view(bucket.grads, slot).copy_(bucket.backend.match_param(slot.param, grad))
+            key = (slot.group, not ready)
+            if previous and pending[-1][0] == key:
+                pending[-1][1].append(slot)
+            else:
+                pending.append((key, [slot]))
+            previous = True
+        launcher = self._launchers[bucket]
+        return [Run(group, launcher, bucket, run, first) for (group, first), run in pending]
+
+    def bind_grads(self, *, zero: bool = False) -> None:
+        """Put every gradient in the flat gradient buffer and bind it there, so the buffer is the
+        gradients (``get_combined_grads``, clipping, ``all_reduce_grads``, ``zero_grad(set_to_none=False)``).
+
+        A gradient that owns its storage keeps its identity (``g.data`` is re-pointed, ``p.grad is g``
+        holds); one that shares its storage (a view of another buffer) is copied and replaced by the
+        slot's view, unless ``zero``, where it is zeroed in place as torch does and left where it is.
+        A gradient in another NPU format than its parameter is replaced by the slot's view.
+        Slots of parameters without a gradient hold zeros. ``zero=True`` zeroes the gradients
+        (torch's ``zero_grad(set_to_none=False)``).
+        """
+        with torch.no_grad():
+            for bucket in self.buckets:
+                for slot in bucket.plan.slots:
+                    grad = slot.param.grad
+                    if grad is not None:
+                        check_grad(slot, grad)
+                for slot in bucket.plan.slots:
+                    param, region = slot.param, bucket.region(bucket.grads, slot)
+                    grad = param.grad
+                    if grad is None:
+                        region.zero_()
+                        continue
+                    if zero:
+                        if grad.grad_fn is not None:
+                            grad.detach_()
+                        else:
+                            grad.requires_grad_(False)
+                    if bucket.holds(bucket.grads, slot, grad):
+                        if zero:
+                            region.zero_()
+                        continue
+                    view = bucket.view(bucket.grads, slot)
+                    if zero:
+                        view.zero_()
+                    else:
+                        view.copy_(bucket.backend.match_param(param, grad))
+                    same_format = bucket.backend.layout_of(grad) == bucket.backend.layout_of(view)
+                    if same_format and owns_storage(grad):
+                        grad.data = view
+                    elif same_format and zero:
+                        grad.zero_()
+                    else:  # shared storage, or (NPU) another format than its parameter's
+                        param.grad = view
+
+    def grads_bound(self) -> bool:
+        """Whether every gradient is its slot's view of the flat gradient buffer (or None)."""
+        for bucket in self.buckets:
+            table = self._tables.get(bucket)
+            if table is not None:
+                if table.read():
+                    return False
+                has_grad = table.status == gradients.IN_PLACE
+                if not bucket.grads_allocated:
+                    if bool(has_grad.any()):
+                        return False
+                elif bool(((table.ptrs != bucket.grad_addresses()) & has_grad & (bucket.numels > 0)).any()):
+                    return False
+                continue
+            if not bucket.grads_allocated:
+                if any(slot.param.grad is not None for slot in bucket.plan.slots):
+                    return False
+                continue
+            for slot in bucket.plan.slots:
+                grad = slot.param.grad
+                if grad is not None and not bucket.holds(bucket.grads, slot, grad):
+                    return False
+        return True
+
+    def clear_grads(self) -> None:
+        """``p.grad = None`` for every parameter (one C++ call per bucket where the reader is loaded)."""
+        for bucket in self.buckets:
+            table = self._tables.get(bucket)
+            if table is not None:
+                table.clear()
+            else:
+                for slot in bucket.plan.slots:
+                    slot.param.grad = None
+
     # ----- cold path ------------------------------------------------------
     def refresh(self, state: State) -> None:
-        """Recompute the runs and take a new snapshot of the use counts."""
-        self.runs = []
-        self._gradless = []
+        """Recompute which slots have initialised state, the sentinels and the use-count snapshot."""
         for bucket in self.buckets:
-            pending: list[tuple[tuple[int, bool], list[Slot]]] = []
-            previous_has_grad = False
-            for slot in bucket.plan.slots:
-                param = slot.param
-                if not bucket.holds(bucket.grads, slot, param.grad):
-                    self._gradless.append(param)
-                    bucket.region(bucket.grads, slot).zero_()  # flat-gradient reductions see only live gradients
-                    previous_has_grad = False
-                    continue
-                key = (slot.group, not all(name in state.get(param, {}) for name in self.state_names))
-                if previous_has_grad and pending[-1][0] == key:
-                    pending[-1][1].append(slot)
-                else:
-                    pending.append((key, [slot]))
-                previous_has_grad = True
-            launcher = self._launchers[bucket]
-            self.runs += [Run(group, launcher, bucket, slots, first) for (group, first), slots in pending]
-        watched = {slot for run in self.runs for slot in (run.slots[0], run.slots[-1])} | self._unshared
-        self._sentinels = [(slot.param, slot.param.grad, slot.param.data_ptr()) for slot in watched]
-        cdatas = [buffer.untyped_storage()._cdata for bucket in self.buckets for buffer in bucket.buffers]
+            flags = self._initialized[bucket]
+            for index, slot in enumerate(bucket.plan.slots):
+                values = state.get(slot.param, {})
+                ready = bool(self.state_names) and all(values.get(name) is not None for name in self.state_names)
+                flags[index] = int(ready)
+        for span in self.ranges:
+            table = self._tables.get(span.bucket)
+            if table is None:
+                continue
+            first, last = span.first, span.last
+            offsets = span.bucket.offsets[first:last]
+            span.grads = GradSegments(
+                ptrs=table.ptrs[first:last],
+                has_grad=table.status[first:last],
+                offsets=offsets - (offsets[0] if last > first else 0),
+                numels=span.bucket.numels[first:last],
+                initialized=self._initialized[span.bucket][first:last],
+            )
+        watched = {slot for span in self.ranges for slot in self._range_slots(span)} | self._unshared
+        self._sentinels = [(slot.param, slot.param.data_ptr()) for slot in watched]
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Take the use counts of the flat parameter and state storages anew."""
+        cdatas = [buffer.untyped_storage()._cdata for bucket in self.buckets for buffer in bucket.watched_buffers]
         self._watched = [(cdata, torch._C._storage_Use_Count(cdata)) for cdata in cdatas]
 
-    def initialize_state(self, started: Sequence[tuple[FlatBucket, Slot]], state: State) -> None:
-        """After a first step over ``started`` slots: expose their state slots as per-parameter
-        state tensors."""
-        for bucket, slot in started:
-            self._bind_states(bucket, slot, state, copy=False)
-        self.refresh(state)
+    def _start_state(self, started: Sequence[tuple[FlatBucket, int]], state: State) -> None:
+        """After a first step over these slots: expose their state slots as per-parameter state tensors."""
+        for bucket, index in started:
+            slot = bucket.plan.slots[index]
+            values = state[slot.param]
+            for name in self.state_names:
+                values[name] = bucket.view(bucket.state[name], slot)
+            self._initialized[bucket][index] = 1
+        self.snapshot()
 
     def reconcile(self, state: State) -> bool:
         """Re-adopt whatever was re-pointed. False when the layout must be rebuilt instead."""
-        readopt_params, readopt_grads, readopt_states = [], [], []
+        readopt_params, readopt_states = [], []
         for bucket in self.buckets:
             for slot in bucket.plan.slots:
                 param = slot.param
@@ -181,10 +401,6 @@ class Layout:
                     if bucket.backend.layout_of(param) != self._formats[slot]:
                         return False  # another memory format: another slot size and binding
                     readopt_params.append((bucket, slot))
-                grad = param.grad
-                if grad is not None and not bucket.holds(bucket.grads, slot, grad):
-                    check_grad(slot, grad)
-                    readopt_grads.append((bucket, slot, grad))
                 values = state.get(param, {})
                 for name in self.state_names:
                     value = values.get(name)
@@ -193,14 +409,31 @@ class Layout:
                         readopt_states.append((bucket, slot))
         for bucket, slot in readopt_params:
             self._bind_param(bucket, slot)
-        for bucket, slot, grad in readopt_grads:
-            bucket.bind_grad(slot, grad)
         for bucket, slot in readopt_states:
-            self._bind_states(bucket, slot, state, copy=True)
+            self._bind_states(bucket, slot, state)
+        for bucket, table in self._tables.items():
+            table.param_ptrs.copy_(torch.tensor([bucket.address(bucket.params, slot) for slot in bucket.plan.slots]))
         self.refresh(state)
         return True
 
     # ----- helpers --------------------------------------------------------
+    def _group_ranges(self, bucket: FlatBucket) -> list[GroupRange]:
+        ranges: list[GroupRange] = []
+        slots = bucket.plan.slots
+        first = 0
+        for index in range(1, len(slots) + 1):
+            if index == len(slots) or slots[index].group != slots[first].group:
+                start, end = slots[first].offset, slots[index - 1].end
+                state = {name: flat[start:end] for name, flat in bucket.state.items()}
+                ranges.append(GroupRange(slots[first].group, bucket, first, index, bucket.params[start:end], state))
+                first = index
+        return ranges
+
+    @staticmethod
+    def _range_slots(span: GroupRange) -> tuple[Slot, ...]:
+        slots = span.bucket.plan.slots
+        return (slots[span.first], slots[span.last - 1])
+
     def _bind_param(self, bucket: FlatBucket, slot: Slot) -> None:
         """Bind a parameter; one whose binding the storage use count cannot watch becomes a sentinel."""
         self._formats[slot] = bucket.backend.layout_of(slot.param)
@@ -209,9 +442,7 @@ class Layout:
         else:
             self._unshared.add(slot)
 
-    def _check_slot_inputs(self, slot: Slot, state: State) -> None:
-        if slot.param.grad is not None:
-            check_grad(slot, slot.param.grad)
+    def _check_states(self, slot: Slot, state: State) -> None:
         values = state.get(slot.param, {})
         for name in self.state_names:
             if values.get(name) is not None:
@@ -223,15 +454,9 @@ class Layout:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise InvalidParameterError(f"state '{name}' of {slot.describe()} is {got}, expected a tensor of its shape")
 
-    def _bind_states(self, bucket: FlatBucket, slot: Slot, state: State, *, copy: bool) -> None:
-        """copy=True: adopt the state tensors the parameter already has into their slots.
-        copy=False: after a first step, its (already written) slots become its state tensors."""
-        if copy:
-            values = state.get(slot.param, {})
-            for name in self.state_names:
-                if values.get(name) is not None:
-                    values[name] = bucket.bind_state(name, slot, values[name])
-        else:
-            values = state[slot.param]
-            for name in self.state_names:
-                values[name] = bucket.bind_state(name, slot, None)
+    def _bind_states(self, bucket: FlatBucket, slot: Slot, state: State) -> None:
+        """Adopt the state tensors the parameter already has into their slots."""
+        values = state.get(slot.param, {})
+        for name in self.state_names:
+            if values.get(name) is not None:
+                values[name] = bucket.bind_state(name, slot, values[name])

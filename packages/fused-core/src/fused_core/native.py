@@ -82,15 +82,18 @@ def _cpu_identity() -> str:
     return f"{platform.machine()} {flags.strip()}"
 
 
-def _compiler() -> list[str]:
+def _compiler(source: Path) -> list[str]:
+    """``$CXX`` (else ``c++``) for a ``.cpp`` source, ``$CC`` (else ``cc``) for C."""
+    if source.suffix == ".cpp":
+        return shlex.split(os.environ.get("CXX") or "c++")
     return shlex.split(os.environ.get("CC") or "cc")
 
 
-def _library_path(source: Path, flags: Sequence[str], directory: Path) -> Path:
+def _library_path(source: Path, flags: Sequence[str], directory: Path, extra: Sequence[str] = ()) -> Path:
     digest = hashlib.sha256()
     for part in (source.read_bytes(), *(h.read_bytes() for h in sorted(INCLUDE_DIR.glob("*.h")))):
         digest.update(part)
-    digest.update(repr((_compiler(), tuple(flags), _cpu_identity())).encode())
+    digest.update(repr((_compiler(source), tuple(flags), tuple(extra), _cpu_identity())).encode())
     return directory / f"{source.stem}-{digest.hexdigest()[:20]}.so"
 
 
@@ -108,8 +111,9 @@ def _private_temp_dir() -> Path:
     return directory
 
 
-def build(source: Path, flags: Sequence[str], directory: Path | None = None) -> Path:
-    """Compile ``source`` with ``flags`` into the cache (unless it is there already) and return the library's path.
+def build(source: Path, flags: Sequence[str], directory: Path | None = None, extra: Sequence[str] = ()) -> Path:
+    """Compile ``source`` with ``flags`` (then ``extra``: include and link arguments) into the cache
+    (unless it is there already) and return the library's path.
 
     Concurrent builds (several ranks starting at once) each write a private file and
     rename it into place. Raises ``RuntimeError`` with the compiler's output on failure.
@@ -119,11 +123,12 @@ def build(source: Path, flags: Sequence[str], directory: Path | None = None) -> 
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
         directory = _private_temp_dir()
-    target = _library_path(source, flags, directory)
+    target = _library_path(source, flags, directory, extra)
     if target.exists():
         return target
     private = target.with_name(f"{target.stem}.{os.getpid()}.tmp.so")
-    command = [*_compiler(), *flags, "-shared", "-fPIC", f"-I{INCLUDE_DIR}", "-o", str(private), str(source)]
+    command = [*_compiler(source), *flags, "-shared", "-fPIC", f"-I{INCLUDE_DIR}", "-o", str(private), str(source)]
+    command += extra
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
     except (OSError, subprocess.SubprocessError) as error:
@@ -136,12 +141,13 @@ def build(source: Path, flags: Sequence[str], directory: Path | None = None) -> 
 
 
 @functools.cache
-def _load(source: str, flag_sets: FlagSets) -> NativeLibrary | None:
+def _load(source: str, flag_sets: FlagSets, extra: tuple[str, ...], python_api: bool) -> NativeLibrary | None:
     failures = []
+    loader = ctypes.PyDLL if python_api else ctypes.CDLL
     for flags in flag_sets:
         try:
-            path = build(Path(source), flags)
-            return NativeLibrary(ctypes.CDLL(str(path)), path, flags)
+            path = build(Path(source), flags, extra=extra)
+            return NativeLibrary(loader(str(path)), path, flags)
         except (RuntimeError, OSError) as error:
             failures.append(f"[{' '.join(flags)}] {error}")
     _reasons[(source, flag_sets)] = "; ".join(failures) or "no flags to build with"
@@ -153,8 +159,15 @@ def load_library(
     signatures: Mapping[str, Signature],
     *,
     flag_sets: Sequence[Sequence[str]] = FLAG_SETS,
+    extra: Sequence[str] = (),
+    python_api: bool = False,
 ) -> NativeLibrary | None:
     """The compiled ``source`` with ``signatures`` applied, or None where it cannot be had.
+
+    ``extra`` arguments follow the flags on the command line (include paths, libraries) and are
+    part of the cache key. ``python_api=True`` loads the library with ``ctypes.PyDLL``: its
+    functions run with the GIL held, for code that may touch Python objects (freeing a tensor can).
+    Otherwise ctypes releases the GIL for the duration of each call.
 
     Built and loaded once per process and set of flags; :func:`unavailable_reason` says why not.
     Each call checks ``FUSED_OPTIM_DISABLE_NATIVE`` and sets the signatures again (a few µs):
@@ -165,7 +178,7 @@ def load_library(
     if os.environ.get(DISABLE_ENV):
         _reasons[(str(source), frozen)] = f"disabled by {DISABLE_ENV}"
         return None
-    library = _load(str(source), frozen)
+    library = _load(str(source), frozen, tuple(extra), python_api)
     if library is not None:
         for name, (restype, argtypes) in signatures.items():
             function = getattr(library.cdll, name)

@@ -26,10 +26,8 @@ from pydantic import BaseModel
 from torch.optim.optimizer import required
 
 from .backends import get_backend
-from .buckets import Slot
 from .distributed import check_not_dtensor
 from .errors import InvalidParameterError
-from .flat import FlatBucket
 from .grad_norm import bucket_norm, scale_
 from .hyperparams import validate_group
 from .layout import Layout
@@ -40,9 +38,12 @@ def compact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) 
     """state_dict post-hook (run before the user's): per-parameter state tensors are views of flat
     buffers, as live as torch's own tensors. ``torch.save`` writes a view's whole storage, so where
     the views of one storage do not cover it (parameters without state, alignment gaps, a partial
-    state_dict) they are cloned: a checkpoint never holds more bytes than torch's."""
+    state_dict) they are cloned: a checkpoint never holds more bytes than torch's. Entries that
+    are not dicts, and values that are not tensors (torch allows anything there), are left as they are."""
     views: dict[tuple[torch.device, int], list[tuple[Any, str, torch.Tensor]]] = {}
     for key, values in state_dict["state"].items():
+        if not isinstance(values, dict):
+            continue
         for name, value in values.items():
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
                 storage = value.untyped_storage()
@@ -137,23 +138,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layout = self._current_layout()
-        started = self._launch(layout)
-        if started:
-            layout.initialize_state(started, self.state)
+        if not self._current_layout().launch(self.param_groups, self.state):
+            self._reconcile_needed = True  # a parameter moved: re-adopt it, then step
+            if not self._current_layout().launch(self.param_groups, self.state):
+                raise RuntimeError("fused_core: a parameter moved again while its layout was rebuilt")
         return loss
-
-    def _launch(self, layout: Layout) -> list[tuple[FlatBucket, Slot]]:
-        """One launcher call per run; returns the (bucket, slot) pairs whose state this step
-        initialised. (No run outlives this call: the next use-count snapshot must not count it.)"""
-        groups = self.param_groups
-        started: list[tuple[FlatBucket, Slot]] = []
-        for run in layout.runs:
-            group = groups[run.group]
-            run.launcher(run.params, run.grads, run.state, group, run.first_step)
-            if run.first_step and self.state_names and self.initializes_state(group):
-                started += [(run.bucket, slot) for slot in run.slots]
-        return started
 
     def _current_layout(self) -> Layout:
         layout = self._layout
@@ -166,6 +155,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 kernel=self.kernel,
                 state_names=self.state_names,
                 registry=registry.kernels,
+                initializes_state=self.initializes_state,
             )
             self._layout = layout
         self._reconcile_needed = False
@@ -187,6 +177,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         dtype, as torch's. ``norm_type`` may be ``inf``.
         """
         layout = self._current_layout()
+        layout.bind_grads()
         grads = [bucket.grads for bucket in layout.buckets]
         if not grads:
             return torch.tensor(0.0)
@@ -209,25 +200,55 @@ class FusedOptimizer(torch.optim.Optimizer):
         return [bucket.params for bucket in self._current_layout().buckets]
 
     def get_combined_grads(self) -> list[torch.Tensor]:
-        """The flat gradient buffer of every bucket; slots of parameters without a gradient hold zeros."""
-        return [bucket.grads for bucket in self._current_layout().buckets]
+        """The flat gradient buffer of every bucket; slots of parameters without a gradient hold zeros.
+
+        Binds every gradient there first (see :meth:`~fused_core.layout.Layout.bind_grads`): the
+        buffers are the gradients until autograd or the user replaces them."""
+        layout = self._current_layout()
+        layout.bind_grads()
+        return [bucket.grads for bucket in layout.buckets]
 
     def get_combined_state(self, name: str) -> list[torch.Tensor]:
         """The flat buffer of state ``name`` (e.g. ``"momentum_buffer"``) of every bucket."""
         return [bucket.state[name] for bucket in self._current_layout().buckets]
 
     # ----- around the step ------------------------------------------------
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Zero the gradients. Unlike torch (``set_to_none=True``), the default keeps them:
-        one fill per bucket, and the flat gradient buffers stay bound, so the next step
-        needs no re-adoption. ``set_to_none=True`` behaves exactly as in torch."""
-        layout = self._layout
-        if not set_to_none and layout is not None and not self._reconcile_needed and layout.is_current():
-            for bucket in layout.buckets:
-                bucket.grads.zero_()
-            return
-        super().zero_grad(set_to_none=set_to_none)
-        self._reconcile_needed = self._reconcile_needed or set_to_none
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, as ``torch.optim.Optimizer.zero_grad``: by default every ``.grad``
+        becomes None (a parameter left without one is skipped by the next step). Where nothing
+        moved, ``set_to_none=True`` is one C++ call per bucket on the CPU, and
+        ``set_to_none=False`` one fill per bucket once the gradients are bound to the flat buffer
+        (the first such call binds them: see :meth:`~fused_core.layout.Layout.bind_grads`)."""
+        if not hasattr(self, "_zero_grad_profile_name"):
+            self._patch_step_function()
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            layout = self._layout
+            if layout is None or self._reconcile_needed or not layout.is_current():
+                self._zero_grad_as_torch(set_to_none)
+            elif set_to_none:
+                layout.clear_grads()
+            elif layout.grads_bound():
+                for bucket in layout.buckets:
+                    if bucket.grads_allocated:
+                        bucket.grads.zero_()
+            else:
+                layout.bind_grads(zero=True)
+
+    def _zero_grad_as_torch(self, set_to_none: bool) -> None:
+        """torch's own zero_grad (for a layout about to be rebuilt), without its second profiler record."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    if set_to_none:
+                        param.grad = None
+                        continue
+                    if param.grad.grad_fn is not None:
+                        param.grad.detach_()
+                    else:
+                        param.grad.requires_grad_(False)
+                    param.grad.zero_()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, after validating the saved hyperparameters; the loaded

@@ -3,12 +3,13 @@
 The rules are torch.optim.SGD's and torch_npu's NpuFusedSGD's: ``lr``,
 ``momentum`` and ``weight_decay`` are finite and >= 0; Nesterov momentum needs
 ``momentum > 0`` and ``dampening == 0``. Strings, None, bools and containers are
-rejected rather than coerced.
+rejected rather than coerced. ``foreach`` and ``fused`` are accepted as in torch
+and change nothing (the step is always fused); ``differentiable`` must be False.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationInfo, field_validator
 
 from fused_core.hyperparams import LearningRate, NonNegativeReal, Real
 
@@ -22,12 +23,28 @@ class SGDHyperparams(BaseModel):
     weight_decay: NonNegativeReal = 0.0
     nesterov: StrictBool = False
     maximize: StrictBool = False
+    foreach: StrictBool | None = None
+    differentiable: StrictBool = False
+    fused: StrictBool | None = None
 
-    @model_validator(mode="after")
-    def _nesterov_needs_plain_momentum(self) -> SGDHyperparams:
-        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_plain_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
+        # A field validator (not a model validator) so that the error names 'nesterov'.
+        # momentum and dampening are validated first; one that failed is reported on its own.
+        momentum, dampening = info.data.get("momentum"), info.data.get("dampening")
+        if nesterov and momentum is not None and dampening is not None and (momentum <= 0 or dampening != 0):
             raise ValueError(
-                "'nesterov': Nesterov momentum requires momentum > 0 and dampening == 0 "
-                f"(got momentum={self.momentum}, dampening={self.dampening})"
+                "Nesterov momentum requires momentum > 0 and dampening == 0 "
+                f"(got momentum={momentum}, dampening={dampening})"
             )
-        return self
+        return nesterov
+
+    @field_validator("differentiable")
+    @classmethod
+    def _no_autograd_through_the_step(cls, differentiable: bool) -> bool:
+        if differentiable:
+            raise ValueError(
+                "fused optimizers do not support autograd through the step; use torch.optim.SGD(differentiable=True)"
+            )
+        return differentiable

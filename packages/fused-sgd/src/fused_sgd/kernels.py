@@ -12,7 +12,7 @@ momentum :math:`\mu`, dampening :math:`\tau`, weight decay :math:`\lambda`
         g   = g + μ b_t  if nesterov else b_t
     θ_t = θ_{t-1} - γ g
 
-Four launchers implement it:
+Four flat launchers implement it, and one segment launcher (gradients read where they lie):
 
 * :func:`sgd_composite`: torch ops on the flat slices, for any device and dtype;
   fp16/bf16 slices are computed in fp32 (in cache-sized chunks) and rounded once.
@@ -22,8 +22,13 @@ Four launchers implement it:
 * :func:`sgd_native_fused_fp32_chunks`: for fp16/bf16 where only the fp32 fused op is
   right: cache-sized chunks are upcast, updated by the fp32 fused op, and rounded once.
 * :func:`sgd_c_half`: fp16/bf16 on the CPU in one pass over memory, by a C kernel
-  (``csrc/sgd_half.c``) compiled on first use (:mod:`fused_core.native`) and checked
+  (``csrc/sgd.c``) compiled on first use (:mod:`fused_core.native`) and checked
   against :func:`sgd_composite` before any dtype is routed to it (:func:`c_half_serves`).
+* :func:`sgd_c_segments`: every CPU dtype, the same C kernel over the slots of a param group,
+  each slot's gradient read at its own address (:class:`fused_core.kernels.GradSegments`).
+  In fp32 and fp64 it performs torch.optim.SGD(foreach=False)'s operations in its order,
+  each ``add(..., alpha=a)`` a fused multiply-add as ATen's, so the results are torch's bit
+  for bit; fp16/bf16 are computed in fp32 and rounded once (:func:`c_segments_serve`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fused_core.kernels import LOW_PRECISION, Launcher, as_float, in_fp32_chunks
+from fused_core.kernels import LOW_PRECISION, GradSegments, Launcher, as_float, in_fp32_chunks
 from fused_core.native import NativeLibrary, load_library
 
 
@@ -111,60 +116,98 @@ def sgd_native_fused_fp32_chunks(
     in_fp32_chunks(lambda p, g, b: _fused_op(p, g, b, hp, first_step), params, grads, _momentum_buffer(state, hp))
 
 
-C_SOURCE = Path(__file__).with_name("csrc") / "sgd_half.c"
-C_FUNCTIONS = {torch.bfloat16: "sgd_bf16", torch.float16: "sgd_fp16"}
-_C_SIGNATURE = (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_int] * 4)
+C_SOURCE = Path(__file__).with_name("csrc") / "sgd.c"
+C_SEGMENT_FUNCTIONS = {
+    torch.float32: "sgd_segments_f32",
+    torch.float64: "sgd_segments_f64",
+    torch.bfloat16: "sgd_segments_bf16",
+    torch.float16: "sgd_segments_fp16",
+}
+_C_SIGNATURE = (
+    ctypes.c_int64,
+    [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_double] * 4 + [ctypes.c_int] * 3,
+)
 
 
 @functools.cache
 def c_library() -> NativeLibrary | None:
-    """The compiled ``csrc/sgd_half.c``, or None (``fused_core.native.unavailable_reason(C_SOURCE)`` says why).
+    """The compiled ``csrc/sgd.c``, or None (``fused_core.native.unavailable_reason(C_SOURCE)`` says why).
 
     Looked up once per process: every step calls this."""
-    return load_library(C_SOURCE, {name: _C_SIGNATURE for name in C_FUNCTIONS.values()})
+    return load_library(C_SOURCE, {name: _C_SIGNATURE for name in C_SEGMENT_FUNCTIONS.values()}, extra=("-lm",))
 
 
-def sgd_c_half(
-    params: torch.Tensor,
-    grads: torch.Tensor,
-    state: Mapping[str, torch.Tensor],
-    hp: Mapping[str, Any],
-    first_step: bool,
-) -> None:
-    """fp16/bf16 CPU slices through the C kernel, on ``torch.get_num_threads()`` threads."""
+def _c_call(params: torch.Tensor, state: Mapping[str, torch.Tensor], grads: GradSegments, hp: Mapping[str, Any]) -> int:
     library = c_library()
-    if library is None or params.dtype not in C_FUNCTIONS:
-        raise RuntimeError(f"sgd_c_half cannot serve {params.dtype}: the C kernel is not available")
+    if library is None or params.dtype not in C_SEGMENT_FUNCTIONS or params.device.type != "cpu":
+        raise RuntimeError(f"the C SGD kernel cannot serve {params.dtype} on {params.device}")
     buf = _momentum_buffer(state, hp)
-    tensors = (params, grads) if buf is None else (params, grads, buf)
-    for tensor in tensors:
-        if tensor.device.type != "cpu" or tensor.dtype != params.dtype or not tensor.is_contiguous():
-            raise ValueError("sgd_c_half takes contiguous CPU slices of one dtype")
-        if tensor.numel() != params.numel():
-            raise ValueError("sgd_c_half takes slices of one length")
-    getattr(library.cdll, C_FUNCTIONS[params.dtype])(
+    started = getattr(library.cdll, C_SEGMENT_FUNCTIONS[params.dtype])(
         params.data_ptr(),
-        grads.data_ptr(),
         None if buf is None else buf.data_ptr(),
-        params.numel(),
+        grads.ptrs.data_ptr(),
+        grads.has_grad.data_ptr(),
+        grads.offsets.data_ptr(),
+        grads.numels.data_ptr(),
+        grads.initialized.data_ptr(),
+        grads.slots,
         as_float(hp["lr"]),
         float(hp["weight_decay"]),
         float(hp["momentum"]),
         1.0 - float(hp["dampening"]),
         int(bool(hp["nesterov"])),
         int(bool(hp["maximize"])),
-        int(first_step),
         torch.get_num_threads(),
     )
+    if started < 0:
+        raise MemoryError("the C SGD kernel could not allocate its slot table")
+    return int(started)
+
+
+def sgd_c_segments(
+    params: torch.Tensor, state: Mapping[str, torch.Tensor], grads: GradSegments, hp: Mapping[str, Any]
+) -> int:
+    """Segment launcher: every slot's gradient read where it lies, one C call for the run."""
+    return _c_call(params, state, grads, hp)
+
+
+def sgd_c_flat(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    hp: Mapping[str, Any],
+    first_step: bool,
+) -> None:
+    """Flat launcher: CPU slices through the C kernel, as one slot, on ``torch.get_num_threads()`` threads."""
+    for tensor in (grads, *state.values()):
+        if tensor.device != params.device or tensor.dtype != params.dtype or not tensor.is_contiguous():
+            raise ValueError("sgd_c_half takes contiguous CPU slices of one dtype")
+        if tensor.numel() != params.numel():
+            raise ValueError("sgd_c_half takes slices of one length")
+    _c_call(params, state, GradSegments.whole(grads, initialized=not first_step), hp)
+
+
+sgd_c_half = sgd_c_flat
+"""The flat launcher routed for fp16/bf16 on the CPU (:func:`c_half_serves`)."""
 
 
 def c_half_serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Route a CPU fp16/bf16 dtype to :func:`sgd_c_half` when the kernel compiled and agrees with the composite."""
     return (
         device.type == "cpu"
-        and dtype in C_FUNCTIONS
+        and dtype in LOW_PRECISION
         and c_library() is not None
         and agrees_with_composite(sgd_c_half, device, dtype)
+    )
+
+
+def c_segments_serve(device: torch.device, dtype: torch.dtype) -> bool:
+    """Route a CPU dtype to :func:`sgd_c_segments` when the kernel compiled and agrees with the composite."""
+    return (
+        device.type == "cpu"
+        and dtype in C_SEGMENT_FUNCTIONS
+        and c_library() is not None
+        and agrees_with_composite(sgd_c_flat, device, dtype)
     )
 
 

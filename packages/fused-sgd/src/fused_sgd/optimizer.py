@@ -27,16 +27,20 @@ class FusedSGD(FusedOptimizer):
     Args:
         params: tensors, param-group dicts, or ``(name, tensor)`` pairs from
             ``model.named_parameters()``.
-        lr: learning rate γ (required; a number or a one-element tensor).
+        lr: learning rate γ (default 1e-3, as torch; a number or a one-element tensor).
         momentum: μ (default 0).
         dampening: τ (default 0).
         weight_decay: λ, L2 penalty (default 0).
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
         maximize: maximize the objective instead of minimizing it.
+        foreach, fused: accepted and stored in the param groups as in torch; they change
+            nothing, the step is always fused.
+        differentiable: must be False (no autograd through a fused step).
 
     On the first ``step()`` every parameter moves into a flat buffer per (device,
-    dtype); gradients and momentum buffers follow the same layout. ``zero_grad()``
-    defaults to ``set_to_none=False`` (one fill per bucket).
+    dtype); momentum buffers follow the same layout. Gradients are read where they lie
+    (``p.grad is g`` stays true), and a parameter whose ``.grad`` is None is skipped, as in
+    torch. ``zero_grad()`` is torch's (``set_to_none=True``: every ``.grad`` becomes None).
     """
 
     name = "sgd"
@@ -48,13 +52,16 @@ class FusedSGD(FusedOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: Any = required,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
+        lr: Any = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -63,8 +70,21 @@ class FusedSGD(FusedOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
         )
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch.optim.SGD: param groups saved by an older torch get the keys they lack."""
+        for group in state.get("param_groups", []):
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+        super().__setstate__(state)
 
     def initializes_state(self, group: dict[str, Any]) -> bool:
         """As torch.optim.SGD: momentum buffers exist only once a step ran with momentum != 0."""
@@ -72,7 +92,7 @@ class FusedSGD(FusedOptimizer):
 
 
 class NpuFusedSGD(FusedSGD):
-    """:class:`FusedSGD` under torch_npu's name and exact signature, on every device."""
+    """:class:`FusedSGD` under torch_npu's name and exact signature (``lr`` required), on every device."""
 
     def __init__(
         self,
@@ -84,3 +104,8 @@ class NpuFusedSGD(FusedSGD):
         nesterov: bool = False,
     ) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """torch_npu's default: the gradients are kept, zeroed (after the first call they live in
+        the flat gradient buffer, and this is one fill per bucket). ``set_to_none=True`` is torch's."""
+        super().zero_grad(set_to_none)

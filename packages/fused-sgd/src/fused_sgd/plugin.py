@@ -6,12 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 from fused_core import hookimpl
+from fused_core.kernels import segments_kernel
 
 from .kernels import (
     c_half_serves,
+    c_segments_serve,
     fp32_native_fused_serves,
     native_fused_agrees,
     sgd_c_half,
+    sgd_c_segments,
     sgd_composite,
     sgd_native_fused,
     sgd_native_fused_fp32_chunks,
@@ -34,3 +37,5 @@ def register_kernels(register: Callable[..., Any]) -> None:
         register("sgd", device_type, sgd_native_fused, dtypes=native_fused_agrees)
     # fp16/bf16 on the CPU: the compiled one-pass kernel, where a C compiler built it and it is right.
     register("sgd", "cpu", sgd_c_half, dtypes=c_half_serves)
+    # Every dtype on the CPU, gradients read where they lie: the C kernel, where it agrees with the composite.
+    register(segments_kernel("sgd"), "cpu", sgd_c_segments, dtypes=c_segments_serve)
