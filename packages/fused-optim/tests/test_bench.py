@@ -1,4 +1,5 @@
-"""``fused-optim bench`` end to end on tiny shape sets: structure and arithmetic, never timings."""
+"""``fused-optim bench`` end to end on tiny shape sets: structure and arithmetic, never timings;
+and the gradient hand-over of each mode, object by object."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fused_optim.bench_measure import Competitor, Contest
 from fused_optim.cli import main
 
 from fused_core import grad_norm, registry
@@ -20,12 +22,18 @@ TINY_SETS = {
 }
 DTYPES = ["fp32", "bf16"]
 ROUNDS = 3
+MODES = ["fresh", "bound"]
+ALL = {"fused_sgd", "torch_forloop", "torch_foreach", "torch_fused"}
+CLIP = {"fused_sgd", "torch_foreach", "torch_forloop"}
 OPS = {
-    "step": {"fused_sgd", "torch_forloop", "torch_foreach", "torch_fused"},
-    "zero_grad": {"fused_sgd", "torch_forloop", "torch_foreach", "torch_fused"},
-    "clip": {"fused_sgd", "torch_foreach", "torch_forloop"},
+    "fresh": {"step": ALL, "zero_grad": ALL, "cycle": ALL},
+    "bound": {"step": ALL, "zero_grad": ALL, "cycle": ALL, "clip": CLIP},
 }
-ACCESSES = {"step": 5, "zero_grad": 1, "clip": 3}
+ACCESSES = {
+    "fresh": {"step": 5, "zero_grad": 0, "cycle": 5},
+    "bound": {"step": 5, "zero_grad": 1, "cycle": 6, "clip": 3},
+}
+WARMUP_STEPS = 2 + len(MODES)  # two cycles (build, second), then one per mode
 QUICK_PROBE = ["--bandwidth-mib", "16"]  # the default 256 MiB probe costs seconds; its size is not under test
 
 
@@ -52,10 +60,12 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
 
 
 def _entries(result: dict):
+    """(run, mode, op, key, entry) of every measured row."""
     for run in result["runs"]:
-        for op, data in run["ops"].items():
-            for key, entry in data["competitors"].items():
-                yield run, op, key, entry
+        for mode, measured in run["modes"].items():
+            for op, data in measured["ops"].items():
+                for key, entry in data["competitors"].items():
+                    yield run, mode, op, key, entry
 
 
 def test_json_has_every_set_dtype_op_and_competitor(bench_run) -> None:
@@ -66,11 +76,15 @@ def test_json_has_every_set_dtype_op_and_competitor(bench_run) -> None:
         f"after {run['set']} {run['dtype']}" for run in result["runs"]
     ]
     assert limit["gbps"] == max(probe["gbps"] for probe in limit["probes"]) > 0
+    assert result["schema"] == 2 and result["settings"]["grads"] == MODES
     for run in result["runs"]:
         assert run["tensors"] == len(TINY_SETS[run["set"]]())
         assert run["unavailable"] == {}
-        assert {op: set(data["competitors"]) for op, data in run["ops"].items()} == OPS
-        assert set(run["competitors"]) == OPS["step"]
+        assert list(run["modes"]) == MODES
+        for mode, measured in run["modes"].items():
+            assert {op: set(data["competitors"]) for op, data in measured["ops"].items()} == OPS[mode]
+            assert measured["zero_grad_set_to_none"] is (mode == "fresh")
+        assert set(run["competitors"]) == ALL
         assert all(entry["first_step_s"] > 0 for entry in run["competitors"].values())
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run["dtype"]]
         assert (
@@ -78,24 +92,51 @@ def test_json_has_every_set_dtype_op_and_competitor(bench_run) -> None:
         )
         assert (run["fused_kernels"]["clip"] == "torch ops") != grad_norm.serves(torch.device("cpu"), dtype)
         check = run["staleness_check"]
-        assert check["current"] is True and check["median_s"] > 0 and check["percent_of_step"] > 0
-    for _, _, _, entry in _entries(result):
+        assert check["current"] is True and check["median_s"] > 0
+        assert set(check["percent_of_step"]) == set(MODES) and all(v > 0 for v in check["percent_of_step"].values())
+
+
+def test_both_modes_have_numbers_for_every_competitor(bench_run) -> None:
+    result, _, _ = bench_run
+    for _, _, _, _, entry in _entries(result):
+        assert entry["rounds"] == ROUNDS
         assert len(entry["times_s"]) == ROUNDS and all(t > 0 for t in entry["times_s"])
+        assert entry["median_s"] > 0 and entry["min_s"] > 0
+    for run in result["runs"]:
+        arrival = run["modes"]["fresh"]["arrival"]  # the p.grad = g loop, once per round
+        assert len(arrival["times_s"]) == ROUNDS and all(t > 0 for t in arrival["times_s"])
+        assert arrival["median_s"] == pytest.approx(statistics.median(arrival["times_s"]))
+        assert "arrival" not in run["modes"]["bound"]  # copied in place, outside any timing
+
+
+def test_a_cycle_is_zero_grad_plus_step_of_the_same_round(bench_run) -> None:
+    result, _, _ = bench_run
+    for run in result["runs"]:
+        for measured in run["modes"].values():
+            ops = measured["ops"]
+            for key, cycle in ops["cycle"]["competitors"].items():
+                pairs = zip(ops["zero_grad"]["competitors"][key]["times_s"], ops["step"]["competitors"][key]["times_s"])
+                assert cycle["times_s"] == pytest.approx([zero + step for zero, step in pairs])
 
 
 def test_ratios_and_bandwidth_follow_from_the_times(bench_run) -> None:
     result, _, _ = bench_run
     limit = result["bandwidth_limit"]["gbps"]
-    for run, op, key, entry in _entries(result):
-        assert run["ops"][op]["bytes"] == ACCESSES[op] * run["numel"] * run["itemsize"]
+    for run, mode, op, key, entry in _entries(result):
+        data = run["modes"][mode]["ops"][op]
+        assert data["bytes"] == ACCESSES[mode][op] * run["numel"] * run["itemsize"]
         assert entry["median_s"] == pytest.approx(statistics.median(entry["times_s"]))
-        assert entry["gbps"] == pytest.approx(run["ops"][op]["bytes"] / entry["median_s"] / 1e9)
-        assert entry["percent_of_limit"] == pytest.approx(100 * entry["gbps"] / limit)
-        assert entry["x_of_floor"] == pytest.approx(100 / entry["percent_of_limit"])
+        if data["bytes"] == 0:  # zero_grad(set_to_none=True) moves nothing: no bandwidth, no floor
+            assert entry["gbps"] is entry["percent_of_limit"] is entry["x_of_floor"] is data["floor_s"] is None
+        else:
+            assert entry["gbps"] == pytest.approx(data["bytes"] / entry["median_s"] / 1e9)
+            assert entry["percent_of_limit"] == pytest.approx(100 * entry["gbps"] / limit)
+            assert entry["x_of_floor"] == pytest.approx(100 / entry["percent_of_limit"])
+            assert entry["x_of_floor"] == pytest.approx(entry["median_s"] / data["floor_s"])
         if key == "fused_sgd":
             assert "vs_fused" not in entry
             continue
-        fused = run["ops"][op]["competitors"]["fused_sgd"]["times_s"]
+        fused = data["competitors"]["fused_sgd"]["times_s"]
         ratios = entry["vs_fused"]["per_round"]
         assert ratios == pytest.approx([theirs / ours for theirs, ours in zip(entry["times_s"], fused)])
         assert entry["vs_fused"]["median"] == pytest.approx(statistics.median(ratios))
@@ -104,18 +145,24 @@ def test_ratios_and_bandwidth_follow_from_the_times(bench_run) -> None:
 def test_every_competitor_did_the_same_work(bench_run) -> None:
     result, _, _ = bench_run
     for run in result["runs"]:
+        # Warm-up, one per mode and round, and one settling cycle per round: the rotated mode
+        # order (fresh, bound), (bound, fresh), ... switches once within each round.
+        assert {entry["settling_cycles"] for entry in run["competitors"].values()} == {ROUNDS}
         steps = {key: entry["steps"] for key, entry in run["competitors"].items()}
-        assert set(steps.values()) == {3 + ROUNDS}  # three in the warm-up, then one per round
-        assert run["stale_fused_steps"]["rounds"] == 0  # timed FusedSGD steps took the hot path
+        assert set(steps.values()) == {WARMUP_STEPS + len(MODES) * ROUNDS + ROUNDS}
+        assert run["modes"]["bound"]["stale_fused_steps"]["rounds"] == 0  # bound steps took the hot path
         if run["dtype"] == "fp32":
             assert run["competitors"]["fused_sgd"]["max_abs_diff_vs_forloop"] < 1e-4
 
 
 def test_prints_a_markdown_table(bench_run) -> None:
     _, _, table = bench_run
-    assert "| set | dtype | competitor | median | vs FusedSGD | GB/s | % of limit | of floor |" in table
+    assert "| set | dtype | grads | competitor | zero_grad | step | cycle | zero_grad vs FusedSGD |" in table
+    assert "| set | dtype | grads | zero_grad | step | cycle | gradient arrival | step of floor |" in table
+    assert "| set | dtype | competitor | median | vs FusedSGD | GB/s | % of limit | of floor |" in table  # clipping
     for name in TINY_SETS:
-        assert f"| {name} | bf16 | torch SGD foreach |" in table
+        for mode in MODES:
+            assert f"| {name} | bf16 | {mode} | torch SGD foreach |" in table
     assert "clip_grad_norm_(foreach=False)" in table and "bandwidth limit:" in table
 
 
@@ -124,12 +171,73 @@ def test_plot_writes_a_png(bench_run) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_json_to_stdout_keeps_the_table_on_stderr(tiny_sets, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--sets", "tiny", "--dtype", "fp32", "--rounds", "1", *QUICK_PROBE, "--json", "-"]) == 0
+@pytest.mark.parametrize("mode", MODES)
+def test_grads_times_one_mode_and_json_to_stdout_keeps_the_table_on_stderr(
+    tiny_sets, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    argv = ["bench", "--sets", "tiny", "--dtype", "fp32", "--rounds", "1", "--grads", mode, *QUICK_PROBE]
+    assert main([*argv, "--json", "-"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert [run["set"] for run in result["runs"]] == ["tiny"]
-    assert "| tiny | fp32 | FusedSGD |" in captured.err
+    assert [run["set"] for run in result["runs"]] == ["tiny"] and result["settings"]["grads"] == [mode]
+    run = result["runs"][0]
+    assert list(run["modes"]) == [mode] and set(run["modes"][mode]["ops"]) == set(OPS[mode])
+    assert set(run["staleness_check"]["percent_of_step"]) == {mode}
+    fused = run["competitors"]["fused_sgd"]
+    assert fused["steps"] == 3 + 1 and fused["settling_cycles"] == 0  # warm-up: build, second, the mode's
+    assert f"| tiny | fp32 | {mode} | FusedSGD |" in captured.err
+    assert ("gradient clipping: not timed" in captured.err) == (mode == "fresh")
+
+
+def _record_cycles(competitor: Competitor, sources: list[torch.Tensor]) -> dict[str, list]:
+    """Wrap the competitor's zero_grad and step (instance attributes, which the bench calls).
+    Per zero_grad: its set_to_none, the .grad objects it left and whether they were all None or
+    zero; per step: the .grad objects it was handed and whether they equalled ``sources``. The
+    objects are kept alive, so their ids cannot be reused by later tensors."""
+    optimizer = competitor.optimizer
+    zero_grad, step = optimizer.zero_grad, optimizer.step
+    log: dict[str, list] = {"set_to_none": [], "after_zero_grad": [], "cleared": [], "at_step": [], "equal": []}
+
+    def recording_zero_grad(set_to_none: bool = True) -> None:
+        zero_grad(set_to_none=set_to_none)
+        grads = [p.grad for p in competitor.params]
+        log["set_to_none"].append(set_to_none)
+        log["after_zero_grad"].append(grads)
+        log["cleared"].append(all(grad is None or not grad.any() for grad in grads))
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for p in competitor.params]
+        log["at_step"].append(grads)
+        log["equal"].append(all(grad is not None and torch.equal(grad, s) for grad, s in zip(grads, sources)))
+        return step(*args, **kwargs)
+
+    optimizer.zero_grad = recording_zero_grad  # type: ignore[method-assign]
+    optimizer.step = recording_step  # type: ignore[method-assign]
+    return log
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_hands_over_the_gradients_it_says(mode: str) -> None:
+    """fresh: every cycle's zero_grad drops the gradients and every step gets new tensor objects
+    (ids differ from the previous cycle's); bound: the same objects, zeroed, then refilled."""
+    contest = Contest(TINY_SETS["tiny"](), torch.float32, torch.device("cpu"), seed=0, max_norm=1.0, modes=[mode])
+    contest.warm_up()
+    cycles = 3
+    for key, competitor in contest.competitors.items():
+        log = _record_cycles(competitor, contest.source_grads)
+        for _ in range(cycles):
+            contest.cycle(mode, competitor)
+        assert log["set_to_none"] == [mode == "fresh"] * cycles, key
+        assert log["cleared"] == log["equal"] == [True] * cycles, key  # cleared, then the shared gradients
+        for left, handed in zip(log["after_zero_grad"], log["at_step"]):
+            if mode == "fresh":
+                assert all(grad is None for grad in left), key
+            else:
+                assert all(grad is now for grad, now in zip(left, handed)), key  # zeroed in place, refilled
+            assert not {id(grad) for grad in handed} & {id(source) for source in contest.source_grads}, key
+        for before, after in zip(log["at_step"], log["at_step"][1:]):
+            same = [id(a) == id(b) for a, b in zip(before, after)]
+            assert same == [mode == "bound"] * len(same), key
 
 
 def test_distributed_times_both_methods_per_set(tiny_sets, tmp_path: Path) -> None:
@@ -149,6 +257,13 @@ def test_distributed_needs_two_ranks(capsys: pytest.CaptureFixture[str]) -> None
         main(["bench", "--distributed", "1"])
     assert exit_info.value.code == 2
     assert "at least 2 ranks" in capsys.readouterr().err
+
+
+def test_unknown_grads_mode_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--grads", "stale"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'stale'" in capsys.readouterr().err
 
 
 def test_unknown_set_is_an_error_naming_the_known_sets(capsys: pytest.CaptureFixture[str]) -> None:

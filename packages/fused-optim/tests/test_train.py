@@ -106,13 +106,23 @@ def test_json_record(quick_run: tuple[str, dict]) -> None:
     assert comparison["step_speedup_median"] == pytest.approx(median_ratio)
 
 
-def test_bit_for_bit_against_torchs_fused_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """On CPU fp32 FusedSGD launches torch's fused SGD kernel (docs/kernels.md): not one bit differs."""
+def test_bit_for_bit_against_torchs_for_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On CPU fp32 FusedSGD performs torch.optim.SGD(foreach=False)'s operations in its order
+    (docs/kernels.md), in torch's default loop: not one bit differs, over every step."""
     path = tmp_path / "run.json"
-    assert main([*QUICK, "--reference", "fused", "--json", str(path)]) == 0
+    assert main([*QUICK, "--json", str(path)]) == 0
     record = json.loads(path.read_text())
     assert record["comparison"]["max_rel_param_diff"] == 0.0
     assert record["runs"]["torch"]["losses"] == record["runs"]["fused"]["losses"]
+    assert "bit for bit the same as" in capsys.readouterr().out
+
+
+def test_against_torchs_fused_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's fused kernel rounds differently (no fused multiply-adds): close, and said so."""
+    path = tmp_path / "run.json"
+    assert main([*QUICK, "--reference", "fused", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["comparison"]["max_rel_param_diff"] <= 1e-3
     assert "torch.optim.SGD(fused=True)" in capsys.readouterr().out
 
 

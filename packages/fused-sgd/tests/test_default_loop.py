@@ -170,3 +170,30 @@ def test_gradients_the_user_set_stay_theirs(dtype: torch.dtype) -> None:
             assert torch.equal(p, q)
         else:
             assert _ulps(p.detach(), q.detach()) <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_clipping_in_the_default_loop_scales_the_gradients_where_they_lie(dtype: torch.dtype) -> None:
+    """``clip_grad_norm_fused_`` between ``backward()`` and ``step()`` in torch's default loop scales
+    autograd's own gradient tensors (``p.grad is g`` still holds), as ``clip_grad_norm_`` does."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = Branchy().to(dtype)
+    twin = copy.deepcopy(model)
+    ours = FusedSGD(model.parameters(), **HP)
+    theirs = torch.optim.SGD(twin.parameters(), foreach=False, **HP)
+    for step in range(4):
+        inputs, targets = torch.randn(32, 48).to(dtype), torch.randint(0, 10, (32,))
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(inputs, step).float(), targets).backward()
+        grads = [p.grad for p in model.parameters()]
+        norm = ours.clip_grad_norm_fused_(0.5)
+        torch_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5, foreach=False)
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+        assert relative_error(norm, torch_norm) <= 2 * torch.finfo(dtype).eps
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert (p.grad is None) == (q.grad is None)
+            if p.grad is not None:
+                assert relative_error(p.grad, q.grad) <= 4 * torch.finfo(dtype).eps
+        ours.step()
+        theirs.step()

@@ -127,14 +127,16 @@ CLIP_SHAPES = [(300_007,), (512, 129), (7, 11)]
 the work, and odd lengths for the vector tails."""
 
 
-@pytest.fixture(params=["c-kernel", "torch-ops"])
+@pytest.fixture(params=["c-kernel", "c-kernel-flat", "torch-ops"])
 def norm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through the C kernels of fused_core.grad_norm (which must load wherever a C
-    compiler is, as on CI: fused_testing.native.require_library) and again through the torch-op
-    fallback."""
-    if request.param == "c-kernel":
+    compiler is, as on CI: fused_testing.native.require_library) reading the gradients where they
+    lie, again with the gradients bound to the flat buffer first, and through the torch-op fallback."""
+    if request.param.startswith("c-kernel"):
         require_library(grad_norm.library(), grad_norm.SOURCE)
-    else:
+    if request.param != "c-kernel":
+        monkeypatch.setattr(grad_norm, "segments_serve", lambda device, dtype, norm_type: False)
+    if request.param == "torch-ops":
         monkeypatch.setattr(grad_norm, "_native", lambda flat: None)
     return request.param
 
@@ -166,7 +168,7 @@ def test_clip_grad_norm_in_every_dtype_against_float64(dtype: torch.dtype, norm_
 
     eps = torch.finfo(dtype).eps
     assert norm.dtype == dtype
-    if norm_path == "c-kernel":  # fp64 sum of squares: only the final rounding to dtype
+    if norm_path.startswith("c-kernel"):  # fp64 sum of squares: only the final rounding to dtype
         assert relative_error(norm, exact) <= eps / 2
     else:  # fp32 chunk norms, as torch's own norm
         assert relative_error(norm, exact) <= relative_error(torch_norm, exact) + 8 * eps

@@ -8,6 +8,10 @@ scaling, on torch's intra-op threads, with the sum of squares accumulated in fp6
           \lVert g \rVert_\infty = \max_i |g_i| \;(\text{NaN if any } g_i \text{ is NaN}), \qquad
           g_i \leftarrow \operatorname{round}(g_i \cdot c)
 
+Where the gradients are not in the flat buffer (torch's default loop, where autograd hands over
+a tensor per parameter), :func:`segments_norm` and :func:`segments_scale_` do the same over the
+gradients where they lie, given their addresses (:mod:`fused_core.gradients`).
+
 Elsewhere (CUDA, NPU, fp64, other norm orders, or where the kernels are unavailable) torch
 ops do it: the infinity norm from one ``aminmax`` pass, other orders from chunk norms
 (``FlatBucket.grad_chunks``), and ``mul_`` by the coefficient as a tensor (no device sync).
@@ -29,6 +33,8 @@ SOURCE = INCLUDE_DIR / "grad_norm.c"
 _SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _REDUCE: Signature = (ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
 _SCALE: Signature = (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int])
+_SEGMENTS_REDUCE: Signature = (ctypes.c_double, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int])
+_SEGMENTS_SCALE: Signature = (ctypes.c_int, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int])
 
 
 @functools.cache
@@ -40,6 +46,10 @@ def library() -> NativeLibrary | None:
     for suffix in _SUFFIXES.values():
         signatures.update({f"grad_sumsq_{suffix}": _REDUCE, f"grad_maxabs_{suffix}": _REDUCE})
         signatures[f"grad_scale_{suffix}"] = _SCALE
+        signatures.update(
+            {f"grad_sumsq_segments_{suffix}": _SEGMENTS_REDUCE, f"grad_maxabs_segments_{suffix}": _SEGMENTS_REDUCE}
+        )
+        signatures[f"grad_scale_segments_{suffix}"] = _SEGMENTS_SCALE
     return load_library(SOURCE, signatures)
 
 
@@ -90,3 +100,37 @@ def scale_(flat: torch.Tensor, coefficient: torch.Tensor) -> None:
         getattr(native.cdll, f"grad_scale_{_SUFFIXES[flat.dtype]}")(
             flat.data_ptr(), flat.numel(), factor, torch.get_num_threads()
         )
+
+
+def segments_serve(device: torch.device, dtype: torch.dtype, norm_type: float) -> bool:
+    """Whether :func:`segments_norm` serves gradients on ``device`` with ``dtype`` for ``norm_type``."""
+    return norm_type in (2.0, math.inf) and serves(device, dtype)
+
+
+def segments_norm(
+    ptrs: torch.Tensor, numels: torch.Tensor, has_grad: torch.Tensor, dtype: torch.dtype, norm_type: float
+) -> torch.Tensor:
+    """The ``norm_type`` (2 or inf) norm of the gradients at ``ptrs`` (``numels`` elements each,
+    those with ``has_grad``), a 0-d tensor of :func:`norm_dtype`."""
+    native = library()
+    assert native is not None and segments_serve(torch.device("cpu"), dtype, norm_type)
+    kind = "maxabs" if norm_type == math.inf else "sumsq"
+    function = getattr(native.cdll, f"grad_{kind}_segments_{_SUFFIXES[dtype]}")
+    value = function(ptrs.data_ptr(), numels.data_ptr(), has_grad.data_ptr(), ptrs.numel(), torch.get_num_threads())
+    if value < 0:
+        raise MemoryError("the gradient-norm kernel could not allocate its piece table")
+    return torch.tensor(value if norm_type == math.inf else math.sqrt(value), dtype=norm_dtype(dtype))
+
+
+def segments_scale_(
+    ptrs: torch.Tensor, numels: torch.Tensor, has_grad: torch.Tensor, dtype: torch.dtype, coefficient: torch.Tensor
+) -> None:
+    """Multiply the gradients at ``ptrs`` by ``coefficient`` (a 0-d tensor), rounded once; skipped when it is 1."""
+    native = library()
+    assert native is not None and serves(torch.device("cpu"), dtype)
+    factor = float(coefficient)
+    if factor == 1.0:
+        return
+    function = getattr(native.cdll, f"grad_scale_segments_{_SUFFIXES[dtype]}")
+    if function(ptrs.data_ptr(), numels.data_ptr(), has_grad.data_ptr(), ptrs.numel(), factor, torch.get_num_threads()):
+        raise MemoryError("the gradient-scaling kernel could not allocate its piece table")

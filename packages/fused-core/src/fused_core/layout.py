@@ -275,6 +275,10 @@ class Layout:
         Slots of parameters without a gradient hold zeros. ``zero=True`` zeroes the gradients
         (torch's ``zero_grad(set_to_none=False)``).
         """
+        if self.grads_bound():  # the usual case: only the slots without a gradient to clear
+            for bucket in self.buckets:
+                self._zero_gradless_regions(bucket, everything=zero)
+            return
         with torch.no_grad():
             for bucket in self.buckets:
                 for slot in bucket.plan.slots:
@@ -309,6 +313,15 @@ class Layout:
                     else:  # shared storage, or (NPU) another format than its parameter's
                         param.grad = view
 
+    def read_grads(self, bucket: FlatBucket) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every slot's gradient address and has-gradient flag (int64, int8), read where the
+        gradients lie, or None where that cannot be had (no CPU reader, or a gradient that needs a
+        copy or is wrong: :meth:`bind_grads` then deals with it)."""
+        table = self._tables.get(bucket)
+        if table is None or table.read():
+            return None
+        return table.ptrs, table.status
+
     def grads_bound(self) -> bool:
         """Whether every gradient is its slot's view of the flat gradient buffer (or None)."""
         for bucket in self.buckets:
@@ -332,6 +345,19 @@ class Layout:
                 if grad is not None and not bucket.holds(bucket.grads, slot, grad):
                     return False
         return True
+
+    def _zero_gradless_regions(self, bucket: FlatBucket, *, everything: bool) -> None:
+        if everything:
+            bucket.grads.zero_()
+            return
+        table = self._tables.get(bucket)
+        if table is not None:  # read by grads_bound just now
+            gradless = (table.status == gradients.NO_GRAD).nonzero().flatten().tolist()
+            slots = [bucket.plan.slots[index] for index in gradless]
+        else:
+            slots = [slot for slot in bucket.plan.slots if slot.param.grad is None]
+        for slot in slots:
+            bucket.region(bucket.grads, slot).zero_()
 
     def clear_grads(self) -> None:
         """``p.grad = None`` for every parameter (one C++ call per bucket where the reader is loaded)."""

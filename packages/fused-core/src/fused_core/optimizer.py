@@ -25,10 +25,10 @@ import torch
 from pydantic import BaseModel
 from torch.optim.optimizer import required
 
+from . import grad_norm
 from .backends import get_backend
 from .distributed import check_not_dtensor
 from .errors import InvalidParameterError
-from .grad_norm import bucket_norm, scale_
 from .hyperparams import validate_group
 from .layout import Layout
 from .plugins import registry
@@ -171,19 +171,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         .. math:: n = \lVert (\lVert g_b \rVert_p)_b \rVert_p, \qquad
                   g \leftarrow g \cdot \min\left(\frac{\text{max\_norm}}{n + 10^{-6}}, 1\right)
 
-        where :math:`g_b` is bucket :math:`b`'s flat gradient (slots without a gradient hold
-        zeros). The norms and the coefficient are computed in fp32 or wider
-        (:mod:`fused_core.grad_norm`); the returned total norm :math:`n` has the gradients'
-        dtype, as torch's. ``norm_type`` may be ``inf``.
+        where :math:`g_b` is bucket :math:`b`'s gradients (parameters without one count as zeros).
+        The norms and the coefficient are computed in fp32 or wider (:mod:`fused_core.grad_norm`);
+        the returned total norm :math:`n` has the gradients' dtype, as torch's. ``norm_type`` may
+        be ``inf``. On the CPU the 2- and inf-norms read the gradients where they lie; otherwise
+        they are bound to the flat gradient buffer first (:meth:`~fused_core.layout.Layout.bind_grads`).
         """
         layout = self._current_layout()
-        layout.bind_grads()
-        grads = [bucket.grads for bucket in layout.buckets]
-        if not grads:
-            return torch.tensor(0.0)
         norm_type = float(norm_type)
-        first_device = grads[0].device
-        norms = [bucket_norm(bucket, norm_type).to(first_device) for bucket in layout.buckets]
+        if not layout.buckets:
+            return torch.tensor(0.0)
+        serve = grad_norm.segments_serve
+        read = [
+            layout.read_grads(bucket) if serve(bucket.plan.device, bucket.plan.dtype, norm_type) else None
+            for bucket in layout.buckets
+        ]
+        in_place = all(where is not None for where in read)
+        if not in_place:
+            layout.bind_grads()
+        norms = []
+        for bucket, where in zip(layout.buckets, read):
+            if in_place and where is not None:
+                norms.append(grad_norm.segments_norm(where[0], bucket.numels, where[1], bucket.plan.dtype, norm_type))
+            else:
+                norms.append(grad_norm.bucket_norm(bucket, norm_type))
+        first_device = layout.buckets[0].plan.device
+        norms = [norm.to(first_device) for norm in norms]
         widest = max((norm.dtype for norm in norms), key=lambda dtype: torch.finfo(dtype).bits)
         total = torch.linalg.vector_norm(torch.stack([norm.to(widest) for norm in norms]), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -191,9 +204,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be clipped"
             )
         coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-        for flat in grads:
-            scale_(flat, coefficient)
-        return total.to(grads[0].dtype)
+        for bucket, where in zip(layout.buckets, read):
+            if in_place and where is not None:
+                grad_norm.segments_scale_(where[0], bucket.numels, where[1], bucket.plan.dtype, coefficient)
+            else:
+                grad_norm.scale_(bucket.grads, coefficient)
+        return total.to(layout.buckets[0].plan.dtype)
 
     def get_combined_params(self) -> list[torch.Tensor]:
         """The flat parameter buffer of every bucket (torch_npu's ``get_combined_params``)."""

@@ -2,10 +2,19 @@
 foreach and fused implementations, side by side in one process, on the parameter shapes of real
 architectures (fused_testing.shapes.SHAPE_SETS).
 
-Rounds are interleaved: each round runs every competitor once per op, in an order rotated by one
-each round; medians are over rounds and ratios (competitor / FusedSGD) are computed per round, then
-medianed. Bandwidth is compared with the limit measured in the same run: a.add_(b) over fp32 buffers
-larger than the last-level cache, probed at the start and after each (set, dtype), best repetition.
+Every competitor runs the training loop's cycle, ``zero_grad()`` [timed], gradients arrive,
+``step()`` [timed], in two gradient modes (``--grads``): "fresh", torch's default loop
+(``zero_grad(set_to_none=True)``, then new gradient tensors, ``p.grad = g``), and "bound"
+(``zero_grad(set_to_none=False)``, then gradients copied in place). The cycle's time is
+zero_grad + step, per round; the fresh mode's assignment loop is timed apart, once per round, as
+the "gradient arrival". A competitor switching modes first runs one untimed settling cycle in
+the new mode. Clipping is timed with bound gradients.
+
+Rounds are interleaved: each round runs every mode and every competitor once, in an order rotated
+by one each round; medians are over rounds and ratios (competitor / FusedSGD) are computed per
+round, then medianed. Bandwidth is compared with the limit measured in the same run: a.add_(b)
+over fp32 buffers larger than the last-level cache, probed at the start and after each (set,
+dtype), best repetition.
 
 With --distributed N it times gradient averaging instead: fused_core.distributed.all_reduce_grads
 against DDP, N gloo ranks over loopback (see fused_optim.bench_distributed).
@@ -33,11 +42,15 @@ from .bench_measure import (
     ACCESSES,
     COMPETITORS,
     DTYPES,
+    GRAD_MODES,
     HYPERPARAMETERS,
+    MODE_OPS,
     OP_COMPETITORS,
-    OPS,
     REFERENCE,
+    SET_TO_NONE,
+    TIMED_OPS,
     Contest,
+    RoundTimes,
     bandwidth_limit,
     bandwidth_probe,
     label,
@@ -46,6 +59,14 @@ from .bench_measure import (
 
 NAME = "bench"
 HELP = "time FusedSGD's step, zero_grad and clipping against torch.optim.SGD (for-loop, foreach, fused)"
+SCHEMA = 2
+"""Version of the --json layout; 2: step, zero_grad and cycle per gradient mode (``runs[].modes``)."""
+
+GRADS_CHOICES = {"fresh": ("fresh",), "bound": ("bound",), "both": GRAD_MODES}
+MODE_DESCRIPTIONS = {
+    "fresh": "zero_grad(set_to_none=True), then new gradient tensors: p.grad = g (torch's default loop)",
+    "bound": "zero_grad(set_to_none=False), then gradients copied in place into the existing .grad tensors",
+}
 
 QUICK_SETS = ("resnet50", "20k-small")
 DEFAULT_ROUNDS, QUICK_ROUNDS = 10, 3
@@ -70,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quick", action="store_true", help="small sets and few rounds, for CI (explicit --sets/--rounds win)"
+    )
+    parser.add_argument(
+        "--grads",
+        choices=list(GRADS_CHOICES),
+        default="both",
+        help="how gradients reach each step: fresh (torch's default loop: zero_grad(set_to_none=True), then "
+        "new tensors, p.grad = g), bound (zero_grad(set_to_none=False), then copied in place; clipping is "
+        "timed in this mode), or both, interleaved (default: both)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda", "npu"], default="cpu", help="device (default: cpu)")
     parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON to PATH ('-': stdout)")
@@ -209,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
     dtypes = list(dict.fromkeys(args.dtype))
     sets = list(dict.fromkeys(sets))
+    modes = GRADS_CHOICES[args.grads]
     cpus = os.cpu_count() or 1
     load = _loadavg()
     cpu_start = _cpu_seconds()
@@ -219,11 +249,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     result: dict[str, Any] = {
-        "schema": 1,
+        "schema": SCHEMA,
         "machine": _machine(device, load),
         "settings": {
             "sets": sets,
             "dtypes": dtypes,
+            "grads": list(modes),
             "rounds": rounds,
             "quick": args.quick,
             "hyperparameters": HYPERPARAMETERS,
@@ -250,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             shapes = SHAPE_SETS[name]()
             for dtype in dtypes:
                 bar.set_description(f"{name} {dtype}")
-                result["runs"].append(_bench_one(name, shapes, dtype, device, rounds, args, bar))
+                result["runs"].append(_bench_one(name, shapes, dtype, device, rounds, modes, args, bar))
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -324,16 +355,17 @@ def _bench_one(
     dtype: str,
     device: torch.device,
     rounds: int,
+    modes: Sequence[str],
     args: argparse.Namespace,
     bar: tqdm,
 ) -> dict[str, Any]:
     """Every measurement of one (set, dtype); the competitors are freed on return."""
-    contest = Contest(shapes, DTYPES[dtype], device, seed=args.seed, max_norm=args.max_norm)
+    contest = Contest(shapes, DTYPES[dtype], device, seed=args.seed, max_norm=args.max_norm, modes=modes)
     contest.warm_up()
     bar.update()
 
-    def rounds_for(op: str, key: str) -> int:
-        slow = contest.competitors[key].warmup_s(op) > args.max_op_seconds
+    def rounds_for(what: str, key: str) -> int:
+        slow = contest.competitors[key].last_warmup_s(what) > args.max_op_seconds
         return min(rounds, args.slow_rounds) if slow else rounds
 
     per_round = []
@@ -343,27 +375,12 @@ def _bench_one(
         bar.update()
     bar.set_postfix_str("")
 
-    ops: dict[str, Any] = {}
-    for op in OPS:
-        moved = ACCESSES[op] * contest.numel * contest.itemsize
-        keys = [key for key in OP_COMPETITORS[op] if key in contest.competitors]
-        times = {key: [round_times[op].get(key) for round_times in per_round] for key in keys}
-        competitors = {}
-        for key in keys:
-            entry = _summary(times[key], moved)
-            entry = {"label": label(op, key), "rounds": sum(t is not None for t in times[key]), **entry}
-            if key != REFERENCE:
-                ratios = [
-                    theirs / ours if theirs is not None and ours is not None else None
-                    for theirs, ours in zip(times[key], times[REFERENCE])
-                ]
-                entry["vs_fused"] = {"per_round": ratios, "median": median(ratios)}
-            competitors[key] = entry
-        ops[op] = {"bytes": moved, "competitors": competitors}
-
-    fused_step = ops["step"]["competitors"][REFERENCE]["median_s"]
+    measured = {mode: _mode_summary(contest, per_round, mode) for mode in contest.modes}
     staleness = contest.staleness_check(calls=200 if args.quick else 2000, repeats=3 if args.quick else 7)
-    staleness["percent_of_step"] = 100 * staleness["median_s"] / fused_step if fused_step else None
+    staleness["percent_of_step"] = {
+        mode: _percent(staleness["median_s"], entry["ops"]["step"]["competitors"][REFERENCE]["median_s"])
+        for mode, entry in measured.items()
+    }
     return {
         "set": name,
         "dtype": dtype,
@@ -376,17 +393,67 @@ def _bench_one(
                 "label": COMPETITORS[key],
                 "first_step_s": competitor.warmup_s("step", 0),
                 "second_step_s": competitor.warmup_s("step", 1),
-                "warmup": [{"op": op, "seconds": seconds} for op, seconds in competitor.warmup],
+                "warmup": competitor.warmup,
                 "steps": competitor.steps,
+                "settling_cycles": competitor.settling_cycles,
                 "max_abs_diff_vs_forloop": contest.max_abs_diff(key),
             }
             for key, competitor in contest.competitors.items()
         },
         "unavailable": contest.unavailable,
-        "stale_fused_steps": contest.stale_steps,
         "staleness_check": staleness,
-        "ops": ops,
+        "modes": measured,
     }
+
+
+def _percent(part: float | None, whole: float | None) -> float | None:
+    return 100 * part / whole if part is not None and whole else None
+
+
+def _times(per_round: list[RoundTimes], mode: str, op: str, key: str) -> list[float | None]:
+    """``key``'s seconds of ``op`` in ``mode``, one per round (None where it sat out); a cycle is
+    the zero_grad and the step of the same round, added."""
+    if op != "cycle":
+        return [times.ops[mode][op].get(key) for times in per_round]
+    cycles: list[float | None] = []
+    for times in per_round:
+        parts = [times.ops[mode][part].get(key) for part in TIMED_OPS]
+        cycles.append(sum(part for part in parts if part is not None) if None not in parts else None)
+    return cycles
+
+
+def _mode_summary(contest: Contest, per_round: list[RoundTimes], mode: str) -> dict[str, Any]:
+    """One gradient mode of one (set, dtype): each op's times, ratios and bytes, the gradient
+    arrival (fresh), and how many FusedSGD steps found their layout stale."""
+    ops: dict[str, Any] = {}
+    for op in MODE_OPS[mode]:
+        moved = ACCESSES[mode][op] * contest.numel * contest.itemsize
+        keys = [key for key in OP_COMPETITORS[op] if key in contest.competitors]
+        times = {key: _times(per_round, mode, op, key) for key in keys}
+        ops[op] = {"bytes": moved, "competitors": {key: _entry(op, key, times, moved) for key in keys}}
+    summary: dict[str, Any] = {
+        "gradients": MODE_DESCRIPTIONS[mode],
+        "zero_grad_set_to_none": SET_TO_NONE[mode],
+        "ops": ops,
+        "stale_fused_steps": contest.stale_steps[mode],
+    }
+    if mode == "fresh":
+        arrivals = [times.arrival for times in per_round]
+        what = "p.grad = g for each of FusedSGD's parameters, once per round"
+        summary["arrival"] = {"what": what, **_summary(arrivals, None)}
+    return summary
+
+
+def _entry(op: str, key: str, times: dict[str, list[float | None]], moved: int) -> dict[str, Any]:
+    """One competitor's row of one op: its times and summary, and (except FusedSGD) its ratios."""
+    mine = times[key]
+    entry = {"label": label(op, key), "rounds": sum(t is not None for t in mine), **_summary(mine, moved)}
+    if key != REFERENCE:
+        ratios = [
+            theirs / ours if theirs is not None and ours else None for theirs, ours in zip(mine, times[REFERENCE])
+        ]
+        entry["vs_fused"] = {"per_round": ratios, "median": median(ratios)}
+    return entry
 
 
 def _fused_kernels(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
@@ -397,25 +464,30 @@ def _fused_kernels(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     }
 
 
-def _summary(times: list[float | None], moved: int) -> dict[str, Any]:
-    """Median and best over rounds, and the bandwidth the median achieves."""
+def _summary(times: list[float | None], moved: int | None) -> dict[str, Any]:
+    """Median and best over rounds and, for an op that moves ``moved`` bytes, the bandwidth the
+    median achieves (None when it moves none: zero_grad(set_to_none=True))."""
     middle = median(times)
-    return {
+    summary: dict[str, Any] = {
         "times_s": times,
         "median_s": middle,
         "min_s": min((t for t in times if t is not None), default=None),
-        "gbps": moved / middle / 1e9 if middle else None,
     }
+    if moved is not None:
+        summary["gbps"] = moved / middle / 1e9 if moved and middle else None
+    return summary
 
 
 def _against_limit(result: dict[str, Any]) -> None:
     """Each median against the run's bandwidth limit: its share of it, and its time over the floor
-    (floor = bytes / limit)."""
+    (floor = bytes / limit; both None for an op that moves no bytes)."""
     limit = result["bandwidth_limit"]["gbps"]
     for run in result["runs"]:
-        for op in run["ops"].values():
-            floor = op["bytes"] / (limit * 1e9)
-            for entry in op["competitors"].values():
-                gbps, middle = entry["gbps"], entry["median_s"]
-                entry["percent_of_limit"] = 100 * gbps / limit if gbps is not None else None
-                entry["x_of_floor"] = middle / floor if middle is not None and floor else None
+        for mode in run["modes"].values():
+            for op in mode["ops"].values():
+                floor = op["bytes"] / (limit * 1e9)
+                op["floor_s"] = floor or None
+                for entry in op["competitors"].values():
+                    gbps, middle = entry["gbps"], entry["median_s"]
+                    entry["percent_of_limit"] = 100 * gbps / limit if gbps is not None else None
+                    entry["x_of_floor"] = middle / floor if middle is not None and floor else None

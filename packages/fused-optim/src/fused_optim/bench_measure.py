@@ -1,10 +1,23 @@
-"""The measurements behind ``fused-optim bench``: competitors, interleaved rounds, the bandwidth limit.
+"""The measurements behind ``fused-optim bench``: competitors, training-loop cycles, interleaved
+rounds, the bandwidth limit.
 
 Every competitor of one (shape set, dtype) holds its own copy of the same parameters
-(``make_params``) and starts each timed call from the same gradients (``make_grads``,
-drawn once and copied into its ``.grad`` before the call, outside the timing). A round
-times every competitor once per op, in an order rotated by one each round; medians are
-taken over rounds, and ratios are computed within a round, then medianed.
+(``make_params``) and runs the same cycle with the same gradients (``make_grads``, drawn once):
+``zero_grad()`` [timed], the gradients arrive [not in the timings], ``step()`` [timed]. The
+gradients arrive in one of two modes (:data:`GRAD_MODES`):
+
+* ``fresh``, torch's default loop: ``zero_grad(set_to_none=True)`` drops every ``.grad``, then
+  each parameter is handed a new tensor (``p.grad = g``, ``g`` a clone of the shared gradient,
+  as backward does after ``set_to_none``). The assignment loop is timed on its own, once per
+  round, and reported as the gradient arrival.
+* ``bound``: ``zero_grad(set_to_none=False)`` zeroes the gradients in place, and the shared
+  gradients are copied into those same tensors (FusedSGD's stay bound to its flat buffers).
+
+A round runs one cycle per (mode, competitor) and, right after the bound cycles, one clipping
+per competitor; the order of the modes and of the competitors rotates by one each round. A real
+loop never switches modes, so a competitor whose previous cycle ran in the other mode first
+runs one settling cycle, kept out of the timings: every timed cycle follows a cycle of its own
+mode. Medians are taken over rounds, and ratios are computed within a round, then medianed.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,14 +40,23 @@ HYPERPARAMETERS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-OPS = ("step", "zero_grad", "clip")
-ACCESSES = {"step": 5, "zero_grad": 1, "clip": 3}
-"""Bytes moved per op, in units of ``numel * itemsize``: step 3 reads + 2 writes, zero_grad
-1 write, clipping 2 reads (norm, then scale) + 1 write."""
+GRAD_MODES = ("fresh", "bound")
+"""How gradients reach each step: new tensor objects after ``zero_grad(set_to_none=True)``
+(torch's default loop), or copied in place into the gradients ``zero_grad(set_to_none=False)`` kept."""
+SET_TO_NONE = {"fresh": True, "bound": False}
+"""The ``set_to_none`` each mode's ``zero_grad`` passes, explicitly, to every competitor."""
 
-WARMUP = ("step", "step", "zero_grad", "clip", "step")
-"""Calls before the rounds: the first step builds FusedSGD's flat buffers (reported as "first step
-(build)"); the step after the first clip shows any one-off re-adoption that clipping triggers."""
+ACCESSES: dict[str, dict[str, int]] = {
+    "fresh": {"step": 5, "zero_grad": 0, "cycle": 5},
+    "bound": {"step": 5, "zero_grad": 1, "cycle": 6, "clip": 3},
+}
+"""Bytes each op must move, in units of ``numel * itemsize``, per gradient mode: step 3 reads
+(param, grad, momentum) + 2 writes (param, momentum); zero_grad 1 write in place, nothing when it
+sets the gradients to None; cycle = zero_grad + step; clipping 2 reads (norm, then scale) + 1 write."""
+MODE_OPS = {mode: tuple(ops) for mode, ops in ACCESSES.items()}
+"""The ops reported per mode; clipping is timed with bound gradients only."""
+TIMED_OPS = ("zero_grad", "step")
+"""The two timed calls of a cycle; ``cycle`` is their sum, per round."""
 
 REFERENCE = "fused_sgd"
 COMPETITORS = {
@@ -48,11 +70,39 @@ CLIP_LABELS = {
     "torch_foreach": "clip_grad_norm_(foreach=True)",
     "torch_forloop": "clip_grad_norm_(foreach=False)",
 }
-OP_COMPETITORS = {"step": tuple(COMPETITORS), "zero_grad": tuple(COMPETITORS), "clip": tuple(CLIP_LABELS)}
+OP_COMPETITORS = {
+    "step": tuple(COMPETITORS),
+    "zero_grad": tuple(COMPETITORS),
+    "cycle": tuple(COMPETITORS),
+    "clip": tuple(CLIP_LABELS),
+}
+
+T = TypeVar("T")
 
 
 def label(op: str, key: str) -> str:
+    """A competitor's name in the tables: clipping names the clipping function."""
     return CLIP_LABELS[key] if op == "clip" else COMPETITORS[key]
+
+
+def warmup_plan(modes: Sequence[str]) -> list[tuple[str, str]]:
+    """The (what, mode) calls before the rounds, ``what`` a ``"cycle"`` or ``"clip"``: two cycles
+    (FusedSGD's first step builds its flat buffers: reported as "first step (build)", beside the
+    second), a clip when bound gradients are timed, then one cycle per mode, so that every mode's
+    first call of each op is kept out of the medians; the last in the first round's first mode."""
+    build = "bound" if "bound" in modes else modes[0]
+    plan = [("cycle", build), ("cycle", build)]
+    if "bound" in modes:
+        plan.append(("clip", "bound"))
+    return plan + [("cycle", mode) for mode in reversed(modes)]
+
+
+def rotated(items: Sequence[T], shift: int) -> list[T]:
+    """``items`` rotated left by ``shift`` (modulo their number)."""
+    if not items:
+        return []
+    shift %= len(items)
+    return list(items[shift:]) + list(items[:shift])
 
 
 # ----- devices ---------------------------------------------------------------
@@ -128,15 +178,25 @@ class Competitor:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     steps: int = 0
-    warmup: list[tuple[str, float]] = field(default_factory=list)
-    """(op, seconds) of each warm-up call."""
+    warmup: list[dict[str, Any]] = field(default_factory=list)
+    """``{"op", "grads", "seconds"}`` of each timed warm-up call (``grads``: the gradient mode)."""
+    mode: str | None = None
+    """The gradient mode of its last cycle."""
+    settling_cycles: int = 0
+    """Cycles run, untimed, in the rounds because the previous cycle ran in the other mode."""
 
-    def warmup_s(self, op: str, nth: int = -1) -> float:
-        """Seconds of the ``nth`` warm-up call of ``op``."""
-        return [seconds for name, seconds in self.warmup if name == op][nth]
+    def warmup_s(self, op: str, nth: int = -1, grads: str | None = None) -> float:
+        """Seconds of the ``nth`` warm-up call of ``op`` (in gradient mode ``grads``, if given)."""
+        return [call["seconds"] for call in self.warmup if call["op"] == op and grads in (None, call["grads"])][nth]
+
+    def last_warmup_s(self, what: str) -> float:
+        """Seconds of the last warm-up clip (``what == "clip"``) or cycle of mode ``what``."""
+        if what == "clip":
+            return self.warmup_s("clip")
+        return sum(self.warmup_s(op, grads=what) for op in TIMED_OPS)
 
     def grads(self) -> list[torch.Tensor]:
-        # Fetched afresh each time: a re-adopting FusedSGD may re-bind its gradients.
+        """The parameters' current gradients, fetched afresh: FusedSGD may re-bind them."""
         return [p.grad for p in self.params if p.grad is not None]
 
 
@@ -151,18 +211,27 @@ def _optimizer(key: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimi
     return torch.optim.SGD(params, **HYPERPARAMETERS, **flavour[key])
 
 
-def _op_call(op: str, competitor: Competitor, max_norm: float) -> Callable[[], Any]:
+def _clip_call(competitor: Competitor, max_norm: float) -> Callable[[], Any]:
     optimizer = competitor.optimizer
-    if op == "step":
-        return optimizer.step
-    if op == "zero_grad":
-        if isinstance(optimizer, FusedSGD):
-            return optimizer.zero_grad  # its default, set_to_none=False: one fill per flat buffer
-        return lambda: optimizer.zero_grad(set_to_none=False)
     if isinstance(optimizer, FusedSGD):
         return lambda: optimizer.clip_grad_norm_fused_(max_norm)
     foreach = competitor.key == "torch_foreach"
     return lambda: torch.nn.utils.clip_grad_norm_(competitor.params, max_norm, foreach=foreach)
+
+
+def assign_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
+    """``p.grad = g`` for every parameter: how backward hands over gradients after ``set_to_none``."""
+    for param, grad in zip(params, grads):
+        param.grad = grad
+
+
+@dataclass
+class RoundTimes:
+    """One round's seconds: ``ops[mode][op][key]`` (op: zero_grad, step; clip under bound) and
+    the gradient arrival of the fresh mode (FusedSGD's assignment loop; None when not timed)."""
+
+    ops: dict[str, dict[str, dict[str, float]]]
+    arrival: float | None = None
 
 
 class Contest:
@@ -176,8 +245,13 @@ class Contest:
         *,
         seed: int,
         max_norm: float,
+        modes: Sequence[str] = GRAD_MODES,
     ) -> None:
+        unknown = set(modes) - set(GRAD_MODES)
+        if unknown or not modes:
+            raise ValueError(f"gradient modes must be a non-empty subset of {GRAD_MODES}, got {tuple(modes)}")
         self.dtype, self.device, self.max_norm = dtype, device, max_norm
+        self.modes = tuple(dict.fromkeys(modes))
         self.sync = synchronizer(device)
         base = make_params(shapes, dtype=dtype, device=device, seed=seed)
         self.numel = sum(p.numel() for p in base)
@@ -186,9 +260,9 @@ class Contest:
         self.source_grads = make_grads(base, seed=seed + 1)
         self.competitors: dict[str, Competitor] = {}
         self.unavailable: dict[str, str] = {}
-        self.stale_steps = {"warmup": 0, "rounds": 0}
-        """FusedSGD steps after the first that found their layout stale (and so re-adopted in the step)."""
-        self._phase = "warmup"
+        self.stale_steps = {mode: {"warmup": 0, "settling": 0, "rounds": 0} for mode in self.modes}
+        """Per mode and phase, FusedSGD steps after the first that found their layout stale (and
+        so re-adopted in the step): expected with fresh gradients, a slow path with bound ones."""
         keys = list(COMPETITORS)
         for index, key in enumerate(keys):
             # The last competitor takes the drawn tensors themselves: one copy of the model fewer.
@@ -203,53 +277,105 @@ class Contest:
                 self.unavailable[key] = f"{type(error).__name__}: {error}"
         del base
 
+    # ----- one cycle -------------------------------------------------------
     def restore_grads(self, competitor: Competitor) -> None:
         """The shared gradients, copied into the competitor's own (in place: FusedSGD's stay bound)."""
         torch._foreach_copy_(competitor.grads(), self.source_grads)
 
-    def call(self, op: str, competitor: Competitor) -> float:
-        """Seconds of one ``op`` call, after restoring the shared gradients (outside the timing)."""
-        self.restore_grads(competitor)
-        if op == "step" and competitor.key == REFERENCE and competitor.steps and not self.fused_layout_current():
-            self.stale_steps[self._phase] += 1
-        seconds = timed(_op_call(op, competitor, self.max_norm), self.sync)
-        competitor.steps += op == "step"
+    def hand_over(self, mode: str, competitor: Competitor) -> float | None:
+        """The gradients arrive, outside the cycle's timings. Fresh: new clones of the shared
+        gradients, assigned as ``p.grad = g``; returns the seconds of the assignment loop alone
+        (the cloning stands in for backward and is not timed). Bound: copied in place; None."""
+        if mode == "bound":
+            self.restore_grads(competitor)
+            return None
+        grads = [grad.clone() for grad in self.source_grads]
+        return timed(lambda: assign_grads(competitor.params, grads), self.sync)
+
+    def cycle(self, mode: str, competitor: Competitor, phase: str = "rounds") -> dict[str, float]:
+        """One training-loop cycle: ``zero_grad(set_to_none=...)`` [timed], the gradients arrive
+        (:meth:`hand_over`), ``step()`` [timed]. Returns the seconds of ``zero_grad``, ``step``
+        and, in the fresh mode, ``arrival``; ``phase`` (warmup, settling, rounds) only labels
+        FusedSGD's stale steps."""
+        optimizer = competitor.optimizer
+        set_to_none = SET_TO_NONE[mode]
+        seconds = {"zero_grad": timed(lambda: optimizer.zero_grad(set_to_none=set_to_none), self.sync)}
+        arrival = self.hand_over(mode, competitor)
+        if arrival is not None:
+            seconds["arrival"] = arrival
+        if competitor.key == REFERENCE and competitor.steps and not self.fused_layout_current():
+            self.stale_steps[mode][phase] += 1
+        seconds["step"] = timed(lambda: optimizer.step(), self.sync)
+        competitor.steps += 1
+        competitor.mode = mode
         return seconds
 
+    def timed_cycle(self, mode: str, competitor: Competitor) -> dict[str, float]:
+        """A cycle of the rounds, after one settling cycle if the competitor's previous cycle ran
+        in the other mode: the switch's one-off costs (re-binding, re-adoption) stay out of it."""
+        if competitor.mode != mode:
+            self.cycle(mode, competitor, phase="settling")
+            competitor.settling_cycles += 1
+        return self.cycle(mode, competitor)
+
+    def clip(self, competitor: Competitor) -> float:
+        """Seconds of one clipping, after restoring the shared gradients in place (outside the timing)."""
+        self.restore_grads(competitor)
+        return timed(_clip_call(competitor, self.max_norm), self.sync)
+
+    # ----- warm-up and rounds -----------------------------------------------
     def warm_up(self) -> None:
-        """:data:`WARMUP` for every competitor, timed but kept out of the medians: FusedSGD builds
-        its flat buffers in the first step, and every first call of an op may set something up."""
+        """:func:`warmup_plan` for every competitor, timed but kept out of the medians: FusedSGD
+        builds its flat buffers in the first step, and every first call of an op may set something up."""
+        plan = warmup_plan(self.modes)
         for key, competitor in list(self.competitors.items()):
-            for index, op in enumerate(WARMUP):
-                if key not in OP_COMPETITORS[op]:
+            for index, (what, mode) in enumerate(plan):
+                if key not in OP_COMPETITORS[what]:
                     continue
                 try:
-                    competitor.warmup.append((op, self.call(op, competitor)))
+                    self._warmup_call(what, mode, competitor)
                 except (RuntimeError, NotImplementedError) as error:
                     if key == REFERENCE or index > 0:
                         raise
                     del self.competitors[key]
                     self.unavailable[key] = f"{type(error).__name__}: {error}"
                     break
-        self._phase = "rounds"
+
+    def _warmup_call(self, what: str, mode: str, competitor: Competitor) -> None:
+        if what == "clip":
+            competitor.warmup.append({"op": "clip", "grads": mode, "seconds": self.clip(competitor)})
+            return
+        seconds = self.cycle(mode, competitor, phase="warmup")
+        competitor.warmup += [{"op": op, "grads": mode, "seconds": seconds[op]} for op in TIMED_OPS]
 
     def fused_layout_current(self) -> bool:
-        layout = self.competitors[REFERENCE].optimizer._layout  # type: ignore[attr-defined]
+        """FusedSGD's own staleness check, ``_layout.is_current()``; False before its first step."""
+        layout = getattr(self.competitors[REFERENCE].optimizer, "_layout", None)
         return layout is not None and layout.is_current()
 
-    def run_round(self, round_index: int, rounds_for: Callable[[str, str], int]) -> dict[str, dict[str, float]]:
-        """One round: every op, every competitor once, in an order rotated by ``round_index``.
-        ``rounds_for(op, key)`` caps how many rounds a slow competitor takes part in."""
-        times: dict[str, dict[str, float]] = {}
-        for op in OPS:
-            keys = [key for key in OP_COMPETITORS[op] if key in self.competitors]
-            shift = round_index % len(keys)
-            times[op] = {}
-            for key in keys[shift:] + keys[:shift]:
-                if round_index >= rounds_for(op, key):
+    def run_round(self, round_index: int, rounds_for: Callable[[str, str], int]) -> RoundTimes:
+        """One round: per mode, a cycle of every competitor (:meth:`timed_cycle`), and right after
+        the bound cycles a clip of every clipping competitor, so that clipping always meets bound
+        gradients; modes and competitors in an order rotated by ``round_index``.
+        ``rounds_for(what, key)`` (``what``: a mode or ``"clip"``) caps how many rounds a slow
+        competitor takes part in."""
+        result = RoundTimes(ops={mode: {op: {} for op in TIMED_OPS} for mode in self.modes})
+        keys = rotated(list(self.competitors), round_index)
+        for mode in rotated(self.modes, round_index):
+            for key in keys:
+                if round_index >= rounds_for(mode, key):
                     continue
-                times[op][key] = self.call(op, self.competitors[key])
-        return times
+                seconds = self.timed_cycle(mode, self.competitors[key])
+                for op in TIMED_OPS:
+                    result.ops[mode][op][key] = seconds[op]
+                if key == REFERENCE and "arrival" in seconds:
+                    result.arrival = seconds["arrival"]
+            if mode == "bound":
+                clipping = [key for key in keys if key in OP_COMPETITORS["clip"]]
+                result.ops[mode]["clip"] = {
+                    key: self.clip(self.competitors[key]) for key in clipping if round_index < rounds_for("clip", key)
+                }
+        return result
 
     def staleness_check(self, calls: int, repeats: int) -> dict[str, Any]:
         """Seconds per ``FusedSGD._layout.is_current()`` call: the check inside every step."""

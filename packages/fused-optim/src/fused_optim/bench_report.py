@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from .bench_measure import ACCESSES, OPS, REFERENCE
+from .bench_measure import ACCESSES, REFERENCE
 
 OP_TITLES = {
     "step": "step()",
-    "zero_grad": "zero_grad() (set_to_none=False)",
+    "zero_grad": "zero_grad()",
+    "cycle": "cycle: zero_grad() + step()",
     "clip": "gradient clipping (max_norm={max_norm})",
+}
+PHASES = {"warmup": "warm-up", "settling": "settling cycles (after a mode switch)", "rounds": "rounds"}
+MODE_TITLES = {
+    "fresh": "fresh gradients: zero_grad(set_to_none=True), then p.grad = g (new tensors)",
+    "bound": "bound gradients: zero_grad(set_to_none=False), then copied in place",
 }
 
 
 def duration(seconds: float | None) -> str:
+    """Seconds in the largest unit that keeps the value at least 1: s, ms or µs."""
     if seconds is None:
         return "-"
     unit, scale = next(((unit, scale) for unit, scale in (("s", 1.0), ("ms", 1e-3)) if seconds >= scale), ("µs", 1e-6))
@@ -30,7 +38,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _modes(run: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(mode, its measurements) of one run, in the order the run was asked for."""
+    yield from run["modes"].items()
+
+
+def _ratio(entry: dict[str, Any] | None, key: str) -> float | None:
+    """An entry's median ratio against FusedSGD (1.0 for FusedSGD itself)."""
+    if entry is None:
+        return None
+    return 1.0 if key == REFERENCE else entry["vs_fused"]["median"]
+
+
+def _header(result: dict[str, Any]) -> list[str]:
     machine, settings, limit = result["machine"], result["settings"], result["bandwidth_limit"]
     probes = limit["probes"]
     bests = [probe["gbps"] for probe in probes]
@@ -42,6 +62,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"bandwidth limit: {limit['gbps']:.1f} GB/s, the best of {len(probes)} probes of {limit['op']} over "
         f"2 x {limit['mib_per_buffer']} MiB {limit['dtype']} ({len(probes[0]['times_s'])} repetitions each, "
         f"one at the start and one after each set; the probes' best ranged {min(bests):.1f}-{max(bests):.1f} GB/s)",
+        "gradients: " + "; ".join(f"{MODE_TITLES[mode]}" for mode in settings["grads"]),
     ]
     if machine.get("others_cpu_percent") is not None:
         load = machine.get("loadavg_start")
@@ -49,11 +70,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"other processes took {machine['others_cpu_percent']:.0f}% of the machine's CPU time during the run"
             + (f" (load average {load[0]} at the start)" if load else "")
         )
-    lines.append("")
+    return lines
+
+
+def _fused_table(result: dict[str, Any]) -> list[str]:
+    """Per (set, dtype): FusedSGD's step kernel, its warm-up steps and its staleness check."""
+    modes = result["settings"]["grads"]
     rows = []
     for run in result["runs"]:
         fused = run["competitors"][REFERENCE]
         check = run["staleness_check"]
+        shares = [_number(check["percent_of_step"].get(mode), ".3f", "%") for mode in modes]
         rows.append(
             [
                 run["set"],
@@ -63,57 +90,130 @@ def markdown(result: dict[str, Any]) -> str:
                 f"`{run['fused_kernels']['step']}`",
                 duration(fused["first_step_s"]),
                 duration(fused["second_step_s"]),
-                duration(run["ops"]["step"]["competitors"][REFERENCE]["median_s"]),
                 duration(check["median_s"]),
-                _number(check["percent_of_step"], ".3f", "%"),
+                " / ".join(shares),
             ]
         )
     header = ["set", "dtype", "tensors", "elements", "step kernel", "first step (build)", "second step"]
-    lines += _table(header + ["step (median)", "staleness check", "% of step"], rows)
+    lines = _table(header + ["staleness check", f"% of step ({' / '.join(modes)})"], rows)
     clip = sorted({f"{run['dtype']}: {run['fused_kernels']['clip']}" for run in result["runs"]})
-    lines.append(
+    return lines + [
         "\nFusedSGD: the launcher of its step, first and second step (warm-up, not in the medians), and the "
-        f"staleness check alone. Clipping runs on {'; '.join(clip)}."
-    )
+        f"staleness check alone, as a share of the step in each mode. Clipping runs on {'; '.join(clip)}."
+    ]
 
-    for op in OPS:
-        title = OP_TITLES[op].format(max_norm=settings["max_norm"])
-        lines += ["", f"{title}: {ACCESSES[op]} x elements x itemsize bytes", ""]
-        rows = []
-        for run in result["runs"]:
-            competitors = run["ops"][op]["competitors"]
-            for key, entry in competitors.items():
-                name = entry["label"]
-                if entry["rounds"] < settings["rounds"]:
-                    name += f" ({entry['rounds']} rounds)"
-                ratio = entry["vs_fused"]["median"] if key != REFERENCE else 1.0
+
+def _cycle_summary(result: dict[str, Any]) -> list[str]:
+    """Per (set, dtype, mode): FusedSGD's cycle, the gradient arrival, the floor, torch fused's ratio."""
+    rows = []
+    for run in result["runs"]:
+        for mode, measured in _modes(run):
+            ops = measured["ops"]
+            fused = {op: ops[op]["competitors"][REFERENCE] for op in ("zero_grad", "step", "cycle")}
+            arrival = measured.get("arrival")
+            rows.append(
+                [
+                    run["set"],
+                    run["dtype"],
+                    mode,
+                    duration(fused["zero_grad"]["median_s"]),
+                    duration(fused["step"]["median_s"]),
+                    duration(fused["cycle"]["median_s"]),
+                    duration(arrival["median_s"]) if arrival else "in place",
+                    _number(fused["step"]["x_of_floor"], ".1f", "x"),
+                    _number(fused["cycle"]["x_of_floor"], ".1f", "x"),
+                    _number(_ratio(ops["cycle"]["competitors"].get("torch_fused"), "torch_fused"), ".2f", "x"),
+                ]
+            )
+    header = ["set", "dtype", "grads", "zero_grad", "step", "cycle", "gradient arrival"]
+    lines = ["", "FusedSGD per training-loop cycle", ""]
+    lines += _table(header + ["step of floor", "cycle of floor", "torch fused / FusedSGD (cycle)"], rows)
+    floors = "; ".join(f"{mode}: step {ACCESSES[mode]['step']}, cycle {ACCESSES[mode]['cycle']}" for mode in ACCESSES)
+    return lines + [
+        "",
+        "cycle: zero_grad + step of the same round, median over rounds. gradient arrival: the p.grad = g loop "
+        "alone (fresh mode, outside the cycle's time; add it for the whole cycle). of floor: median time / "
+        f"(bytes / limit), bytes = accesses x elements x itemsize ({floors}).",
+    ]
+
+
+def _competitor_name(entry: dict[str, Any], rounds: int) -> str:
+    name = entry["label"]
+    return name + f" ({entry['rounds']} rounds)" if entry["rounds"] < rounds else name
+
+
+def _cycle_table(result: dict[str, Any]) -> list[str]:
+    """Per (set, dtype, mode, competitor): zero_grad, step and cycle, their ratios, the floor."""
+    rounds = result["settings"]["rounds"]
+    rows = []
+    for run in result["runs"]:
+        for mode, measured in _modes(run):
+            ops = measured["ops"]
+            for key, step in ops["step"]["competitors"].items():
+                entries = {op: ops[op]["competitors"][key] for op in ("zero_grad", "step", "cycle")}
                 rows.append(
-                    [
-                        run["set"],
-                        run["dtype"],
-                        name,
-                        duration(entry["median_s"]),
-                        _number(ratio, ".2f", "x"),
-                        _number(entry["gbps"], ".1f"),
-                        _number(entry["percent_of_limit"], ".0f", "%"),
-                        _number(entry["x_of_floor"], ".1f", "x"),
-                    ]
+                    [run["set"], run["dtype"], mode, _competitor_name(step, rounds)]
+                    + [duration(entries[op]["median_s"]) for op in entries]
+                    + [_number(_ratio(entries[op], key), ".2f", "x") for op in entries]
+                    + [_number(entries[op]["x_of_floor"], ".1f", "x") for op in ("step", "cycle")]
                 )
-        header = ["set", "dtype", "competitor", "median", "vs FusedSGD", "GB/s", "% of limit", "of floor"]
-        lines += _table(header, rows)
+    header = ["set", "dtype", "grads", "competitor", "zero_grad", "step", "cycle"]
+    header += ["zero_grad vs FusedSGD", "step vs FusedSGD", "cycle vs FusedSGD", "step of floor", "cycle of floor"]
+    return ["", "step() and zero_grad(), one cycle each, every competitor", ""] + _table(header, rows)
+
+
+def _clip_table(result: dict[str, Any]) -> list[str]:
+    """Per (set, dtype, competitor): clipping with bound gradients."""
+    settings = result["settings"]
+    rows = []
+    for run in result["runs"]:
+        clip = run["modes"].get("bound", {}).get("ops", {}).get("clip")
+        for key, entry in (clip or {"competitors": {}})["competitors"].items():
+            rows.append(
+                [
+                    run["set"],
+                    run["dtype"],
+                    _competitor_name(entry, settings["rounds"]),
+                    duration(entry["median_s"]),
+                    _number(_ratio(entry, key), ".2f", "x"),
+                    _number(entry["gbps"], ".1f"),
+                    _number(entry["percent_of_limit"], ".0f", "%"),
+                    _number(entry["x_of_floor"], ".1f", "x"),
+                ]
+            )
+    if not rows:
+        return ["", "gradient clipping: not timed (it is timed with bound gradients: --grads bound or both)"]
+    title = OP_TITLES["clip"].format(max_norm=settings["max_norm"])
+    lines = ["", f"{title}, bound gradients: {ACCESSES['bound']['clip']} x elements x itemsize bytes", ""]
+    header = ["set", "dtype", "competitor", "median", "vs FusedSGD", "GB/s", "% of limit", "of floor"]
+    return lines + _table(header, rows)
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    """Unavailable competitors, and bound-mode FusedSGD steps that found a stale layout."""
+    lines = []
+    for run in result["runs"]:
+        where = f"{run['set']} {run['dtype']}"
+        for key, reason in run["unavailable"].items():
+            lines.append(f"note: {where}: {key} unavailable ({reason})")
+        stale = run["modes"].get("bound", {}).get("stale_fused_steps", {})
+        for phase, count in stale.items():
+            if count:
+                steps = "step" if count == 1 else "steps"
+                lines.append(
+                    f"note: {where}: {count} FusedSGD {steps} with bound gradients in the {PHASES[phase]} "
+                    "found a stale layout (re-adopted)"
+                )
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The whole report: header, FusedSGD's overview, the cycles of every competitor, clipping."""
+    lines = _header(result) + [""] + _fused_table(result) + _cycle_summary(result)
+    lines += _cycle_table(result) + _clip_table(result)
     lines += [
         "",
         "vs FusedSGD: competitor time / FusedSGD time in the same round, median over rounds (> 1: FusedSGD faster).",
         "% of limit: achieved bandwidth / the limit above; of floor: median time / (bytes / limit).",
     ]
-    for run in result["runs"]:
-        where = f"{run['set']} {run['dtype']}"
-        for key, reason in run["unavailable"].items():
-            lines.append(f"note: {where}: {key} unavailable ({reason})")
-        for phase, count in run["stale_fused_steps"].items():
-            if count:
-                steps = "step" if count == 1 else "steps"
-                lines.append(
-                    f"note: {where}: {count} FusedSGD {steps} in the {phase} found a stale layout (re-adopted)"
-                )
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(result))

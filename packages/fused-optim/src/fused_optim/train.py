@@ -39,7 +39,7 @@ examples:
   fused-optim train                            # 4 x 64 MLP, 20 epochs, a few seconds on a laptop CPU
   fused-optim train --plot curves.png --json run.json
   fused-optim train --depth 32 --width 32      # 66 small tensors: the many-tensor effect on step time
-  fused-optim train --reference fused          # against torch's own fused kernel (bit for bit on CPU fp32)
+  fused-optim train --reference fused          # against torch's own fused kernel (it rounds differently)
   fused-optim train --device cuda --dtype bf16
 """
 

@@ -169,11 +169,13 @@ def format_summary(report: TrainReport) -> str:
             f"in {c['dtype']}, FusedSGD computes each update in fp32 and rounds once, while torch.optim.SGD rounds"
             f" every operation to {c['dtype']}: the runs differ from the first step on"
         )
+    elif report.max_abs_diff == 0.0:
+        note = f"bit for bit the same as {t.name}: FusedSGD performs its operations, in its order"
     elif agreeing < steps:
         note = (
             f"the runs agreed to float32 rounding (relative difference <= {DIVERGED:.0e}) for {agreeing} steps;"
-            " a fused kernel rounds differently from a per-tensor loop, and training amplifies rounding"
-            " differences (compare with --reference fused: torch's own fused kernel)"
+            " FusedSGD performs torch.optim.SGD(foreach=False)'s operations in its order (bit for bit on the"
+            " CPU in fp32), other kernels round differently, and training amplifies rounding differences"
         )
     comparison += textwrap.wrap(note, width=100, initial_indent="  ", subsequent_indent="  ")
     return "\n".join([*header, "", *table, "", *comparison])

@@ -8,9 +8,11 @@
  * bf16/fp16 blocks are converted to fp32 on the stack first (fused_half.h). Each function
  * splits n into pieces of PIECE elements over `threads` OpenMP threads (torch's own, see
  * fused_core/native.py); `omp simd` lets the compiler vectorise the reductions. The 2-norm
- * is sqrt(grad_sumsq).
+ * is sqrt(grad_sumsq). The *_segments_T variants do the same over gradients that lie apart
+ * (each parameter's own tensor, as autograd hands them over).
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "fused_half.h"
 
@@ -87,3 +89,108 @@ FUSED_INLINE float *fp16_block(uint16_t *x, float *scratch, int64_t n) { fused_f
 DEFINE_GRAD_KERNELS(f32, float, f32_in_place, f32_nothing)
 DEFINE_GRAD_KERNELS(bf16, uint16_t, bf16_block, fused_f32_to_bf16)
 DEFINE_GRAD_KERNELS(fp16, uint16_t, fp16_block, fused_f32_to_fp16)
+
+/* The same over segments: segment s is the dense array of numels[s] elements at address
+ * ptrs[s], skipped where has[s] == 0 (a parameter without a gradient). The elements of all
+ * segments are split into pieces of PIECE elements; each piece's partial result is kept, and
+ * the partials are added in piece order, so the result does not depend on the thread count. */
+static int64_t *segment_starts(const int64_t *numels, const int8_t *has, int64_t count) {
+    int64_t *starts = malloc((size_t)(count + 1) * sizeof(int64_t));
+    if (starts == 0) return 0;
+    starts[0] = 0;
+    for (int64_t s = 0; s < count; s++) starts[s + 1] = starts[s] + (has[s] ? numels[s] : 0);
+    return starts;
+}
+
+/* BODY(T *x, int64_t n) for every run of elements of piece k (from..to) of the concatenation. */
+#define FOR_EACH_PIECE_RUN(T, BODY)                                                                      \
+    int64_t from = k * PIECE, to = from + PIECE < total ? from + PIECE : total;                          \
+    int64_t lo = 0, hi = count;                                                                          \
+    while (hi - lo > 1) {                                                                                \
+        int64_t mid = (lo + hi) / 2;                                                                     \
+        if (starts[mid] <= from) lo = mid; else hi = mid;                                                \
+    }                                                                                                    \
+    for (int64_t s = lo; s < count && starts[s] < to; s++) {                                             \
+        if (!has[s] || numels[s] == 0) continue;                                                         \
+        int64_t a = from > starts[s] ? from - starts[s] : 0;                                             \
+        int64_t b = (to < starts[s + 1] ? to : starts[s + 1]) - starts[s];                               \
+        T *x = (T *)(intptr_t)ptrs[s] + a;                                                               \
+        int64_t n = b - a;                                                                               \
+        BODY;                                                                                            \
+    }
+
+#define DEFINE_SEGMENT_KERNELS(SUFFIX, T, TO_F32, FROM_F32)                                                \
+    static double piece_sumsq_##SUFFIX(T *x, int64_t n) {                                                 \
+        double total = 0.0;                                                                              \
+        float scratch[BLOCK];                                                                            \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                             \
+            int64_t count = n - start < BLOCK ? n - start : BLOCK;                                       \
+            total += sumsq_block(TO_F32(x + start, scratch, count), count);                              \
+        }                                                                                                \
+        return total;                                                                                    \
+    }                                                                                                    \
+    static float piece_maxabs_##SUFFIX(T *x, int64_t n, int *nan_seen) {                                  \
+        float largest = 0.0f, scratch[BLOCK];                                                            \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                             \
+            int64_t count = n - start < BLOCK ? n - start : BLOCK;                                       \
+            float m = maxabs_block(TO_F32(x + start, scratch, count), count, nan_seen);                  \
+            largest = m > largest ? m : largest;                                                         \
+        }                                                                                                \
+        return largest;                                                                                  \
+    }                                                                                                    \
+    static void piece_scale_##SUFFIX(T *x, int64_t n, float c) {                                          \
+        float scratch[BLOCK];                                                                            \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                             \
+            int64_t count = n - start < BLOCK ? n - start : BLOCK;                                       \
+            float *block = TO_F32(x + start, scratch, count);                                            \
+            scale_block(block, count, c);                                                                \
+            FROM_F32(block, x + start, count);                                                           \
+        }                                                                                                \
+    }                                                                                                    \
+    double grad_sumsq_segments_##SUFFIX(const int64_t *ptrs, const int64_t *numels, const int8_t *has,    \
+                                        int64_t count, int threads) {                                    \
+        int64_t *starts = segment_starts(numels, has, count);                                            \
+        if (starts == 0) return -1.0;                                                                    \
+        int64_t total = starts[count], pieces = (total + PIECE - 1) / PIECE;                             \
+        double *partial = calloc((size_t)(pieces + 1), sizeof(double));                                  \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if(threads > 1 && pieces > 1)")  \
+        for (int64_t k = 0; k < pieces; k++) {                                                           \
+            FOR_EACH_PIECE_RUN(T, partial[k] += piece_sumsq_##SUFFIX(x, n))                              \
+        }                                                                                                \
+        double sum = 0.0;                                                                                \
+        for (int64_t k = 0; k < pieces; k++) sum += partial[k];                                          \
+        free(partial);                                                                                   \
+        free(starts);                                                                                    \
+        return sum;                                                                                      \
+    }                                                                                                    \
+    double grad_maxabs_segments_##SUFFIX(const int64_t *ptrs, const int64_t *numels, const int8_t *has,   \
+                                         int64_t count, int threads) {                                   \
+        int64_t *starts = segment_starts(numels, has, count);                                            \
+        if (starts == 0) return -1.0;                                                                    \
+        int64_t total = starts[count], pieces = (total + PIECE - 1) / PIECE;                             \
+        float largest = 0.0f;                                                                            \
+        int nan_seen = 0;                                                                                \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if(threads > 1 && pieces > 1) reduction(max : largest) reduction(| : nan_seen)") \
+        for (int64_t k = 0; k < pieces; k++) {                                                           \
+            FOR_EACH_PIECE_RUN(T, float m = piece_maxabs_##SUFFIX(x, n, &nan_seen);                      \
+                               largest = m > largest ? m : largest)                                      \
+        }                                                                                                \
+        free(starts);                                                                                    \
+        return nan_seen ? (double)fused_bits_to_f32(0x7fc00000u) : (double)largest;                     \
+    }                                                                                                    \
+    int grad_scale_segments_##SUFFIX(const int64_t *ptrs, const int64_t *numels, const int8_t *has,       \
+                                     int64_t count, float c, int threads) {                              \
+        int64_t *starts = segment_starts(numels, has, count);                                            \
+        if (starts == 0) return -1;                                                                      \
+        int64_t total = starts[count], pieces = (total + PIECE - 1) / PIECE;                             \
+        _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) if(threads > 1 && pieces > 1)") \
+        for (int64_t k = 0; k < pieces; k++) {                                                           \
+            FOR_EACH_PIECE_RUN(T, piece_scale_##SUFFIX(x, n, c))                                         \
+        }                                                                                                \
+        free(starts);                                                                                    \
+        return 0;                                                                                        \
+    }
+
+DEFINE_SEGMENT_KERNELS(f32, float, f32_in_place, f32_nothing)
+DEFINE_SEGMENT_KERNELS(bf16, uint16_t, bf16_block, fused_f32_to_bf16)
+DEFINE_SEGMENT_KERNELS(fp16, uint16_t, fp16_block, fused_f32_to_fp16)

@@ -20,7 +20,8 @@
  * return value counts them.
  *
  * The elements of all slots with a gradient are split into pieces of PIECE elements, run on
- * `threads` OpenMP threads (torch's own libgomp, see fused_core.native): a large slot spreads over
+ * `threads` OpenMP threads (torch's own libgomp, see fused_core.native), taken dynamically so that a
+ * thread the OS delays holds up no other: a large slot spreads over
  * every thread, thousands of small ones share a piece.
  */
 #include <math.h>
@@ -102,7 +103,7 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf, in
         starts[0] = 0;                                                                                     \
         for (int64_t i = 0; i < slots; i++) starts[i + 1] = starts[i] + (has_grad[i] ? numels[i] : 0);      \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) if(pieces > 1 && threads > 1)")    \
+        _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) if(pieces > 1 && threads > 1)")    \
         for (int64_t k = 0; k < pieces; k++) {                                                             \
             int64_t from = k * PIECE, to = from + PIECE < total ? from + PIECE : total;                    \
             int64_t lo = 0, hi = slots; /* the slot holding element `from`: last i with starts[i] <= from */ \
@@ -112,11 +113,20 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf, in
             }                                                                                              \
             for (int64_t i = lo; i < slots && starts[i] < to; i++) {                                       \
                 if (!has_grad[i] || numels[i] == 0) continue;                                              \
-                int64_t a = from > starts[i] ? from - starts[i] : 0;                                       \
-                int64_t b = (to < starts[i + 1] ? to : starts[i + 1]) - starts[i];                         \
                 enum momentum_mode mode = buf == 0 ? NO_MOMENTUM : initialized[i] ? LATER_STEP : FIRST_STEP; \
+                /* Slots whose parameters and gradients both lie back to back (bound gradients) and    \
+                   that take the same branch run as one segment. */                                   \
+                int64_t j = i;                                                                             \
+                while (j + 1 < slots && starts[j + 1] < to && has_grad[j + 1] &&                           \
+                       offsets[j + 1] == offsets[j] + numels[j] &&                                         \
+                       grad_ptrs[j + 1] == grad_ptrs[j] + numels[j] * (int64_t)sizeof(T) &&               \
+                       (buf == 0 || initialized[j + 1] == initialized[i]))                                 \
+                    j++;                                                                                   \
+                int64_t a = from > starts[i] ? from - starts[i] : 0;                                       \
+                int64_t b = (to < starts[j + 1] ? to : starts[j + 1]) - starts[i];                         \
                 const T *grad = (const T *)(intptr_t)grad_ptrs[i];                                         \
                 UPDATE(param + offsets[i] + a, grad + a, buf == 0 ? 0 : buf + offsets[i] + a, b - a, h, mode); \
+                i = j;                                                                                     \
             }                                                                                              \
         }                                                                                                  \
         free(starts);                                                                                      \
