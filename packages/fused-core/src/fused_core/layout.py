@@ -219,6 +219,16 @@ class Layout:
                 started += [(run.bucket, slot.position) for slot in run.slots]
         return started
 
+    def launchers(self) -> dict[tuple[torch.device, torch.dtype], str]:
+        """The launcher that updates each bucket: a segment launcher's name where gradients are read
+        where they lie, else the flat launcher's."""
+        return {
+            (bucket.plan.device, bucket.plan.dtype): getattr(
+                self._segment_launchers.get(bucket, self._launchers[bucket]), "__name__", "launcher"
+            )
+            for bucket in self.buckets
+        }
+
     # ----- gradients (the fallback path, and binding) ---------------------------
     def _resolve_problems(self, bucket: FlatBucket, table: gradients.GradTable) -> bool:
         """Slots the reader could not serve in place: raise for a mismatched gradient, copy one with

@@ -211,6 +211,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grad_norm.scale_(bucket.grads, coefficient)
         return total.to(layout.buckets[0].plan.dtype)
 
+    def launchers(self) -> dict[tuple[torch.device, torch.dtype], str]:
+        """Which launcher updates each (device, dtype) bucket, by name (``sgd_c_segments`` reads every
+        gradient where it lies; see docs/kernels.md): what a benchmark or a bug report should say."""
+        return self._current_layout().launchers()
+
     def get_combined_params(self) -> list[torch.Tensor]:
         """The flat parameter buffer of every bucket (torch_npu's ``get_combined_params``)."""
         return [bucket.params for bucket in self._current_layout().buckets]

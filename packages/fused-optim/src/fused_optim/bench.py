@@ -384,7 +384,7 @@ def _bench_one(
     return {
         "set": name,
         "dtype": dtype,
-        "fused_kernels": _fused_kernels(device, DTYPES[dtype]),
+        "fused_kernels": _fused_kernels(contest.competitors[REFERENCE].optimizer, device, DTYPES[dtype]),
         "tensors": contest.tensors,
         "numel": contest.numel,
         "itemsize": contest.itemsize,
@@ -456,10 +456,11 @@ def _entry(op: str, key: str, times: dict[str, list[float | None]], moved: int) 
     return entry
 
 
-def _fused_kernels(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """What does FusedSGD's work for this (device, dtype): the step's launcher and clipping's kernels."""
+def _fused_kernels(optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """What did FusedSGD's work for this (device, dtype): the step's launcher and clipping's kernels."""
+    launchers = optimizer.launchers()  # type: ignore[attr-defined]
     return {
-        "step": registry.kernels.entry("sgd", device, dtype).launcher.__name__,
+        "step": launchers.get((device, dtype), registry.kernels.entry("sgd", device, dtype).launcher.__name__),
         "clip": "C kernels (fused_core.grad_norm)" if grad_norm.serves(device, dtype) else "torch ops",
     }
 
