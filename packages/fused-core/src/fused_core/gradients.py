@@ -30,9 +30,12 @@ SOURCE = Path(__file__).with_name("csrc") / "grads.cpp"
 NO_GRAD, IN_PLACE, NEEDS_COPY, MISMATCH, MOVED = range(5)
 """The per-slot status codes of ``fused_read_grads`` (see ``csrc/grads.cpp``)."""
 
-FLAG_SETS = (("-O2", "-std=c++17", "-w"),)
+FLAG_SETS = (("-O2", "-std=c++17", "-fopenmp", "-w"), ("-O2", "-std=c++17", "-w"))
 _SIGNATURES: dict[str, Signature] = {
-    "fused_read_grads": (ctypes.c_int64, [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2),
+    "fused_read_grads": (
+        ctypes.c_int64,
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int],
+    ),
     "fused_clear_grads": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64]),
 }
 
@@ -78,13 +81,14 @@ class GradTable:
         self.status = torch.zeros(len(self.params), dtype=torch.int8)
 
     def read(self) -> int:
-        """Fill :attr:`ptrs` and :attr:`status`; returns how many slots are not NO_GRAD or IN_PLACE."""
+        """Fill ``ptrs`` and ``status``; returns how many slots are not NO_GRAD or IN_PLACE."""
         problems = self._read(
             self.impls.data_ptr(),
             self.param_ptrs.data_ptr(),
             len(self.params),
             self.ptrs.data_ptr(),
             self.status.data_ptr(),
+            torch.get_num_threads(),
         )
         if problems < 0:
             raise RuntimeError("fused_core's gradient reader failed; set FUSED_OPTIM_DISABLE_NATIVE=1 and report this")

@@ -33,8 +33,9 @@ class FusedSGD(FusedOptimizer):
         weight_decay: λ, L2 penalty (default 0).
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
         maximize: maximize the objective instead of minimizing it.
-        foreach, fused: accepted and stored in the param groups as in torch; they change
-            nothing, the step is always fused.
+        foreach: accepted and stored in the param groups as in torch; changes nothing (the
+            step is always fused).
+        fused: the same.
         differentiable: must be False (no autograd through a fused step).
 
     On the first ``step()`` every parameter moves into a flat buffer per (device,

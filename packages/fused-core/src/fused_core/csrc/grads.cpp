@@ -53,6 +53,7 @@ Status read_one(const c10::TensorImpl* param, int64_t param_ptr, int64_t* grad_p
 // The chains of different parameters are independent, so each is started ahead of its turn, one
 // link per distance: by the time parameter i is read, its whole chain is in cache.
 constexpr int64_t AHEAD = 4;
+constexpr int64_t READ_BLOCK = 2048;  // parameters per unit of work of the threads
 
 inline const c10::TensorImpl* param_at(const int64_t* params, int64_t n, int64_t i) {
     return i < n ? reinterpret_cast<const c10::TensorImpl*>(params[i]) : nullptr;
@@ -80,20 +81,28 @@ void prefetch_ahead(const int64_t* params, int64_t n, int64_t i) {
 
 extern "C" {
 
+// Reading changes nothing (no reference count moves), so parameters are read on `threads` OpenMP
+// threads (torch's own libgomp, as the C kernels): the work is waiting on memory, which overlaps.
 int64_t fused_read_grads(const int64_t* params, const int64_t* param_ptrs, int64_t n, int64_t* grad_ptrs,
-                         int8_t* status) {
-    try {
-        int64_t problems = 0;
-        for (int64_t i = 0; i < n; i++) {
-            prefetch_ahead(params, n, i);
-            Status s = read_one(reinterpret_cast<const c10::TensorImpl*>(params[i]), param_ptrs[i], &grad_ptrs[i]);
-            status[i] = s;
-            problems += s >= NEEDS_COPY;
+                         int8_t* status, int threads) {
+    int64_t problems = 0;
+    int failed = 0;
+    const int64_t blocks = (n + READ_BLOCK - 1) / READ_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && blocks > 1) reduction(+ : problems) reduction(| : failed)
+    for (int64_t block = 0; block < blocks; block++) {
+        const int64_t end = (block + 1) * READ_BLOCK < n ? (block + 1) * READ_BLOCK : n;
+        try {
+            for (int64_t i = block * READ_BLOCK; i < end; i++) {
+                prefetch_ahead(params, end, i);
+                Status s = read_one(reinterpret_cast<const c10::TensorImpl*>(params[i]), param_ptrs[i], &grad_ptrs[i]);
+                status[i] = s;
+                problems += s >= NEEDS_COPY;
+            }
+        } catch (...) {
+            failed = 1;
         }
-        return problems;
-    } catch (...) {
-        return -1;
     }
+    return failed ? -1 : problems;
 }
 
 // p.grad = None for every parameter that has one. Returns 0, or -1 if torch threw.
