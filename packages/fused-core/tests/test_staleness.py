@@ -328,3 +328,22 @@ def test_middle_grad_set_to_none_while_referenced_elsewhere(signum, generator) -
         for (name, p), r in zip(model.named_parameters(), twin.parameters()):
             assert relative_error(p, r) <= 1e-6, f"step {step}: {name}"
     assert len(logged) == 4
+
+
+def test_middle_param_reassigned_while_a_new_view_exists(signum, generator) -> None:
+    """``p.data = new`` on a parameter inside a group's range drops one use count of the flat param
+    buffer, a new ``detach()`` of another parameter adds one, and the range's first and last
+    parameters are untouched: the use counts and sentinels see nothing, and the check of every
+    parameter's data pointer on the staged path (this plugin has no segment launcher) must."""
+    params = [nn.Parameter(torch.randn(1000, generator=generator)) for _ in range(3)]
+    optimizer = signum.Signum(params, lr=0.1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    kept = params[0].detach()  # e.g. a snapshot holding one tensor
+    new = torch.randn(1000, generator=generator)
+    params[1].data = new.clone()
+    optimizer.step()
+    assert kept.shape == (1000,)
+    assert not torch.equal(params[1].detach(), new), "parameter 1 was not updated"

@@ -1,6 +1,7 @@
 """Flat buffers: one contiguous buffer each for a bucket's parameters, gradients
 and every per-parameter state buffer, all with the same layout (the gradient buffer
-only once something needs the gradients in one place).
+only once something needs the gradients in one place, the state buffers only once
+the hyperparameters use them, e.g. SGD's momentum buffer only with ``momentum != 0``).
 
 Binding re-points a tensor at its slice: a parameter keeps its identity
 (``id(p)``), shape, strides, values and ``requires_grad``; only its storage moves.
@@ -23,7 +24,9 @@ class FlatBucket:
         self.plan = plan
         self.backend = get_backend(plan.device)
         self.params = self._make()
-        self.state = {name: self._make() for name in state_names}
+        self.state_names = tuple(state_names)
+        self.state: dict[str, torch.Tensor] = {}
+        """The state buffers by name, empty until :meth:`allocate_state`."""
         self._grads: torch.Tensor | None = None
         self._grad_chunks: list[torch.Tensor] | None = None
         self._grad_addresses: torch.Tensor | None = None
@@ -33,7 +36,18 @@ class FlatBucket:
         """Every slot's element count."""
 
     def _make(self) -> torch.Tensor:
-        return torch.zeros(self.plan.numel, dtype=self.plan.dtype, device=self.plan.device)
+        return self.backend.zeros(self.plan.numel, self.plan.dtype, self.plan.device)
+
+    @property
+    def state_allocated(self) -> bool:
+        return len(self.state) == len(self.state_names)
+
+    def allocate_state(self) -> None:
+        """Allocate the state buffers (zeros), once the parameters are in place: adopting
+        parameters first keeps the peak at the parameters' bytes plus one state buffer."""
+        for name in self.state_names:
+            if name not in self.state:
+                self.state[name] = self._make()
 
     @property
     def grads(self) -> torch.Tensor:

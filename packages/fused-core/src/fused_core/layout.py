@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import gradients
+from . import gradients, storage
 from .buckets import Slot, plan_buckets
 from .errors import InvalidParameterError, ParameterReallocatedError
 from .flat import FlatBucket
@@ -129,9 +129,11 @@ class Layout:
             else None
             for plan in plans
         ]
-        for plan in plans:
-            for slot in plan.slots:
-                self._check_states(slot, state)
+        all_slots = [slot for plan in plans for slot in plan.slots]
+        for slot in all_slots:
+            self._check_states(slot, state)
+        storage.check_not_shared(all_slots)
+        storage.check_disjoint(all_slots)
         self.buckets = [FlatBucket(plan, self.state_names) for plan in plans]
         self._launchers = dict(zip(self.buckets, launchers))
         self._segment_launchers: dict[FlatBucket, SegmentLauncher] = {
@@ -142,7 +144,11 @@ class Layout:
         for bucket in self.buckets:
             for slot in bucket.plan.slots:
                 self._bind_param(bucket, slot)
-                self._bind_states(bucket, slot, state)
+        for bucket in self.buckets:  # state buffers after the parameters: the lower peak
+            if self._state_used(bucket, param_groups, state):
+                bucket.allocate_state()
+                for slot in bucket.plan.slots:
+                    self._bind_states(bucket, slot, state)
         self._tables: dict[FlatBucket, gradients.GradTable] = {}
         if reader is not None:
             for bucket in self._segment_launchers:
@@ -154,6 +160,7 @@ class Layout:
         for bucket in self.buckets:
             self.ranges += self._group_ranges(bucket)
         self._initialized = {bucket: torch.zeros(len(bucket.plan.slots), dtype=torch.uint8) for bucket in self.buckets}
+        self._rebuild = False
         self._watched: list[tuple[int, int]] = []
         self._sentinels: list[tuple[torch.Tensor, int]] = []
         self.refresh(state)
@@ -176,11 +183,16 @@ class Layout:
         for param, data_ptr in self._sentinels:
             if param.data_ptr() != data_ptr:
                 return False
+        for flat_storage, nbytes in self._sized:  # resized (freed) storage; CPU buffers cannot be
+            if flat_storage.nbytes() != nbytes:
+                return False
         return True
 
     def launch(self, groups: Sequence[dict[str, Any]], state: State) -> bool:
         """One update of every parameter that has a gradient. Returns False, having changed
         nothing, when a parameter turned out to have moved (reconcile, then launch again)."""
+        if self._stateless:
+            self._allocate_used_state(groups)
         plans: list[tuple[FlatBucket, list[Run] | None]] = []
         for bucket in self.buckets:
             table = self._tables.get(bucket)
@@ -189,7 +201,10 @@ class Layout:
                     return False
                 plans.append((bucket, None))
             else:
-                plans.append((bucket, self._staged_runs(bucket)))
+                runs = self._staged_runs(bucket)
+                if runs is None:
+                    return False
+                plans.append((bucket, runs))
         started = []
         for bucket, runs in plans:
             if runs is None:
@@ -247,11 +262,15 @@ class Layout:
             table.status[index] = gradients.IN_PLACE
         return True
 
-    def _staged_runs(self, bucket: FlatBucket) -> list[Run]:
+    def _staged_runs(self, bucket: FlatBucket) -> list[Run] | None:
         """Read every gradient from Python, check it, copy it into the flat gradient buffer unless it
-        is bound there already, and return the flat runs over the slots that have one."""
+        is bound there already, and return the flat runs over the slots that have one; None when
+        a parameter is not where it was bound (its data pointer, checked here for every parameter)."""
         slots = bucket.plan.slots
-        grads = [slot.param.grad for slot in slots]
+        params = self._params[bucket]
+        if [param.data_ptr() for param in params] != self._param_ptrs[bucket]:
+            return None
+        grads = [param.grad for param in params]
         for slot, grad in zip(slots, grads):
             if grad is not None:
                 check_grad(slot, grad)
@@ -401,12 +420,23 @@ class Layout:
                 numels=span.bucket.numels[first:last],
                 initialized=self._initialized[span.bucket][first:last],
             )
+        self._params = {
+            bucket: [slot.param for slot in bucket.plan.slots] for bucket in self.buckets if bucket not in self._tables
+        }
+        self._param_ptrs = {bucket: [param.data_ptr() for param in params] for bucket, params in self._params.items()}
+        self._stateless = [bucket for bucket in self.buckets if self.state_names and not bucket.state_allocated]
         watched = {slot for span in self.ranges for slot in self._range_slots(span)} | self._unshared
         self._sentinels = [(slot.param, slot.param.data_ptr()) for slot in watched]
         self.snapshot()
 
     def snapshot(self) -> None:
         """Take the use counts of the flat parameter and state storages anew."""
+        self._sized = [  # CPU flat buffers cannot be resized (see fused_core.backends.CpuBackend)
+            (buffer.untyped_storage(), buffer.untyped_storage().nbytes())
+            for bucket in self.buckets
+            if bucket.plan.device.type != "cpu"
+            for buffer in bucket.watched_buffers
+        ]
         cdatas = [buffer.untyped_storage()._cdata for bucket in self.buckets for buffer in bucket.watched_buffers]
         self._watched = [(cdata, torch._C._storage_Use_Count(cdata)) for cdata in cdatas]
 
@@ -420,8 +450,34 @@ class Layout:
             self._initialized[bucket][index] = 1
         self.snapshot()
 
+    def force_rebuild(self) -> None:
+        """Make the next :meth:`reconcile` return False (``param_groups`` changed)."""
+        self._rebuild = True
+
+    def release(self, successor: Layout, state: State) -> None:
+        """Give the parameters this layout held and ``successor`` does not (removed from
+        ``param_groups``) their own memory, and their state its own, so that they do not keep
+        this layout's flat buffers alive."""
+        kept = {slot.param for bucket in successor.buckets for slot in bucket.plan.slots}
+        with torch.no_grad():
+            for bucket in self.buckets:
+                flats = {flat.untyped_storage().data_ptr() for flat in bucket.watched_buffers}
+                for slot in bucket.plan.slots:
+                    param = slot.param
+                    if param in kept:
+                        continue
+                    if param.untyped_storage().data_ptr() in flats:
+                        param.data = param.data.clone()
+                    values = state.get(param, {})
+                    for name, value in values.items():
+                        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in flats:
+                            values[name] = value.clone()
+
     def reconcile(self, state: State) -> bool:
         """Re-adopt whatever was re-pointed. False when the layout must be rebuilt instead."""
+        if self._rebuild:
+            return False
+        self._check_flat_storages()
         readopt_params, readopt_states = [], []
         for bucket in self.buckets:
             for slot in bucket.plan.slots:
@@ -440,19 +496,87 @@ class Layout:
                 values = state.get(param, {})
                 for name in self.state_names:
                     value = values.get(name)
-                    if value is not None and not bucket.holds(bucket.state[name], slot, value):
+                    flat = bucket.state.get(name)
+                    if value is not None and (flat is None or not bucket.holds(flat, slot, value)):
                         self._check_state(slot, name, value)
                         readopt_states.append((bucket, slot))
+        if readopt_params:
+            slots = [slot for bucket in self.buckets for slot in bucket.plan.slots]
+            storage.check_not_shared(slots)
+            storage.check_disjoint(slots)
+        flat_storages = {bucket.params.untyped_storage().data_ptr() for bucket in self.buckets}
+        for _bucket, slot in readopt_params:
+            if slot.param.untyped_storage().data_ptr() in flat_storages:  # e.g. .data swapped between
+                slot.param.data = slot.param.data.clone()  # two parameters: keep its values first
         for bucket, slot in readopt_params:
             self._bind_param(bucket, slot)
         for bucket, slot in readopt_states:
+            bucket.allocate_state()
             self._bind_states(bucket, slot, state)
+        if readopt_states:
+            self._slice_states()
         for bucket, table in self._tables.items():
             table.param_ptrs.copy_(torch.tensor([bucket.address(bucket.params, slot) for slot in bucket.plan.slots]))
         self.refresh(state)
         return True
 
+    def _check_flat_storages(self) -> None:
+        """Raise when a flat buffer's storage was resized or moved to shared memory, naming a
+        parameter bound there: it cannot be repaired by re-adopting one parameter."""
+        for bucket in self.buckets:
+            slot = bucket.plan.slots[0]
+            for buffer in bucket.watched_buffers:
+                flat_storage = buffer.untyped_storage()
+                if flat_storage.nbytes() != buffer.numel() * buffer.element_size():
+                    raise RuntimeError(
+                        f"the storage of {slot.describe()} was resized (untyped_storage().resize_()): it is the "
+                        f"flat buffer of all {len(bucket.plan.slots)} parameters of its bucket, whose values "
+                        "are lost. Freeing and refilling parameter storage (FSDP, offloading) is not "
+                        "supported by fused optimizers"
+                    )
+            if bucket.plan.device.type == "cpu" and bucket.params.untyped_storage().is_shared():
+                storage.check_not_shared(bucket.plan.slots)
+
+    def _state_used(self, bucket: FlatBucket, groups: Sequence[dict[str, Any]], state: State) -> bool:
+        """Whether the bucket needs its state buffers now: a parameter has state, or a group
+        whose hyperparameters use state has a parameter here."""
+        if not self.state_names:
+            return False
+        slots = bucket.plan.slots
+        if any(state.get(slot.param) for slot in slots):
+            return True
+        return any(self.initializes_state(groups[index]) for index in {slot.group for slot in slots})
+
+    def _allocate_used_state(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Allocate the state buffers of the buckets whose groups now use state (momentum set
+        after the first step); O(groups) per step while some bucket has none."""
+        allocated = False
+        for span in self.ranges:
+            if not span.bucket.state_allocated and self.initializes_state(groups[span.group]):
+                span.bucket.allocate_state()
+                allocated = True
+        if allocated:
+            self._slice_states()
+            self._stateless = [bucket for bucket in self.buckets if not bucket.state_allocated]
+            self.snapshot()
+
+    def state_buffer(self, name: str, bucket: FlatBucket) -> torch.Tensor:
+        """The flat buffer of state ``name`` in ``bucket``, allocated (zeros) if no group used it yet."""
+        if not bucket.state_allocated:
+            bucket.allocate_state()
+            self._slice_states()
+            self._stateless = [other for other in self.buckets if not other.state_allocated]
+            self.snapshot()
+        return bucket.state[name]
+
     # ----- helpers --------------------------------------------------------
+    def _slice_states(self) -> None:
+        for span in self.ranges:
+            slots = span.bucket.plan.slots
+            if span.last > span.first:
+                start, end = slots[span.first].offset, slots[span.last - 1].end
+                span.state = {name: flat[start:end] for name, flat in span.bucket.state.items()}
+
     def _group_ranges(self, bucket: FlatBucket) -> list[GroupRange]:
         ranges: list[GroupRange] = []
         slots = bucket.plan.slots

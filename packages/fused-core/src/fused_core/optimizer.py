@@ -114,7 +114,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        self._layout = None
+        self._drop_layout()
 
     @staticmethod
     def _check_param(param: torch.Tensor, where: str) -> None:
@@ -144,11 +144,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("fused_core: a parameter moved again while its layout was rebuilt")
         return loss
 
+    def _drop_layout(self) -> None:
+        """Rebuild the layout at the next step (``param_groups`` changed), with the state of every
+        parameter carried over by identity; parameters no longer in any group then get their
+        own memory back (:meth:`~fused_core.layout.Layout.release`)."""
+        self._reconcile_needed = True
+        if self._layout is not None:
+            self._layout.force_rebuild()
+
     def _current_layout(self) -> Layout:
         layout = self._layout
         if layout is not None and not self._reconcile_needed and layout.is_current():
             return layout
         if layout is None or not layout.reconcile(self.state):
+            previous = layout
             layout = Layout(
                 self.param_groups,
                 self.state,
@@ -157,6 +166,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 registry=registry.kernels,
                 initializes_state=self.initializes_state,
             )
+            if previous is not None:
+                previous.release(layout, self.state)
             self._layout = layout
         self._reconcile_needed = False
         return layout
@@ -231,7 +242,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def get_combined_state(self, name: str) -> list[torch.Tensor]:
         """The flat buffer of state ``name`` (e.g. ``"momentum_buffer"``) of every bucket."""
-        return [bucket.state[name] for bucket in self._current_layout().buckets]
+        layout = self._current_layout()
+        return [layout.state_buffer(name, bucket) for bucket in layout.buckets]
 
     # ----- around the step ------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -14,6 +14,7 @@ first use only, so importing fused_core never imports torch_npu.
 from __future__ import annotations
 
 import importlib
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,10 @@ class Backend:
     def storage_numel(self, tensor: torch.Tensor) -> int:
         """Elements ``tensor`` needs in a flat buffer."""
         return tensor.numel()
+
+    def zeros(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A new flat buffer of ``numel`` zeros."""
+        return torch.zeros(numel, dtype=dtype, device=device)
 
     def alignment_elements(self, dtype: torch.dtype) -> int:
         """Offsets in a flat buffer of ``dtype`` are multiples of this."""
@@ -81,8 +86,27 @@ class Backend:
         return None
 
 
+@dataclass(frozen=True)
+class CpuBackend(Backend):
+    """The CPU's flat buffers are anonymous memory maps (``torch.frombuffer`` over ``mmap``):
+
+    * their pages are zero until written and take no memory until then, so adopting parameters
+      one by one (each copied in, its old storage freed) peaks at the parameters' bytes plus
+      the largest parameter, not twice the parameters' bytes;
+    * their storage cannot be resized: ``p.untyped_storage().resize_(0)``, which would free
+      every parameter of the bucket at once, raises torch's "Trying to resize storage that is
+      not resizable" before anything is lost.
+    """
+
+    def zeros(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.zeros(0, dtype=dtype, device=device)
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)
+
+
 _BUILTIN = {
-    "cpu": Backend("cpu"),
+    "cpu": CpuBackend("cpu"),
     # 16-byte offsets keep every slice eligible for CUDA's vectorised loads.
     "cuda": Backend("cuda", alignment_bytes=16),
 }
