@@ -17,6 +17,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,281 @@ def test_build_falls_back_to_a_private_temp_dir(tmp_path, monkeypatch) -> None:
     path.parent.chmod(0o777)
     with pytest.raises(RuntimeError, match="not a private directory"):
         native.build(CONVERT_C, ("-O1",), blocker / "cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: atomic, verified before load, in a directory only this user can write
+# (issue 14, item 9). Each case failed against the cache as it was (plain files, pid-named temp
+# files, no checks).
+
+LOAD_SCRIPT = """
+import os, socket, sys, time
+from pathlib import Path
+if len(sys.argv) > 2:  # containers or nodes: every rank has the same pid and hostname
+    os.getpid = lambda: 1
+    socket.gethostname = lambda: "node"
+    go = Path(sys.argv[2])
+    while not go.exists():
+        time.sleep(0.005)
+from fused_core import native
+import ctypes
+library = native.load_library(Path(sys.argv[1]), {"f32_to_bf16": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int64])},
+                              flag_sets=[("-O1",)])
+assert library is not None, native.unavailable_reason(Path(sys.argv[1]), flag_sets=[("-O1",)])
+x = (ctypes.c_float * 3)(1.0, 2.0, 3.0)
+y = (ctypes.c_uint16 * 3)()
+library.cdll.f32_to_bf16(x, y, 3)
+assert list(y) == [0x3F80, 0x4000, 0x4040], list(y)
+print(library.path)
+"""
+
+
+def _load_in_subprocess(source: Path, cache: Path, *args: str, wait: bool = True) -> subprocess.Popen | str:
+    """Load ``source`` (-O1) in a fresh interpreter with ``cache`` as the cache dir; return the library path
+    it printed (a crash, SIGBUS included, fails the test here instead of killing pytest)."""
+    env = {**os.environ, native.CACHE_ENV: str(cache)}
+    env.pop(native.DISABLE_ENV, None)
+    command = [sys.executable, "-c", LOAD_SCRIPT, str(source), *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _finish(process) if wait else process
+
+
+def _finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, f"exit {process.returncode} (negative: killed by that signal): {err[-3000:]}"
+    return out.strip()
+
+
+def _sealed(path: Path) -> bool:
+    data = path.read_bytes()
+    return data[-64 - len(native.SEAL) : -64] == native.SEAL and native._is_sealed(path)
+
+
+@needs_compiler
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "unsealed"])
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, damage) -> None:
+    """A cached library cut short (a full disk, a killed copy), overwritten with garbage, empty, or
+    written without a seal (an older version) is never dlopen-ed (a truncated one crashes the loader
+    with SIGBUS): the next process rebuilds it and runs."""
+    cache, source = tmp_path / "cache", copy_source(tmp_path, f"convert_{damage}")
+    path = Path(_load_in_subprocess(source, cache))
+    whole = path.read_bytes()
+    assert _sealed(path)
+    damaged = {
+        "truncated": whole[: len(whole) // 2],
+        "garbage": os.urandom(len(whole)),
+        "empty": b"",
+        "unsealed": whole[: -64 - len(native.SEAL)],
+    }[damage]
+    path.write_bytes(damaged)
+    assert Path(_load_in_subprocess(source, cache)) == path
+    assert _sealed(path) and path.read_bytes() != damaged
+
+
+@needs_compiler
+def test_ranks_with_one_pid_and_hostname_building_at_once_all_get_one_library(tmp_path) -> None:
+    """Four processes with the same pid and hostname (containers, nodes sharing the cache dir) build
+    into one cache dir at the same moment: all succeed, all load the same whole library, and no
+    temp file is left behind."""
+    cache, source, go = tmp_path / "cache", copy_source(tmp_path, "convert_ranks"), tmp_path / "go"
+    processes = [_load_in_subprocess(source, cache, str(go), wait=False) for _ in range(4)]
+    go.touch()
+    paths = {_finish(process) for process in processes}
+    assert len(paths) == 1
+    path = Path(paths.pop())
+    assert _sealed(path) and [p.name for p in cache.iterdir()] == [path.name]
+
+
+def _broken_compiler(tmp_path: Path, payload: str) -> str:
+    """A ``$CC`` that exits 0 after writing ``payload`` (shell text) to its ``-o`` file."""
+    script = tmp_path / "broken-cc"
+    script.write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do if [ "$1" = -o ]; then out="$2"; fi; shift; done\n'
+        f'printf "{payload}" > "$out"\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_garbage_from_a_broken_compiler_is_refused_and_not_cached(tmp_path, monkeypatch) -> None:
+    """A compiler that 'succeeds' writing garbage: load_library warns, returns None (torch ops
+    serve), says why, and leaves nothing in the cache for the next process to trust."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    monkeypatch.setenv("CC", _broken_compiler(tmp_path, "not an ELF file"))
+    source = copy_source(tmp_path, "convert_garbage_cc")
+    with pytest.warns(native.NativeKernelWarning, match="does not load"):
+        assert native.load_library(source, SIGNATURES, flag_sets=[("-O1",), ("-O2",)]) is None
+    reason = native.unavailable_reason(source, flag_sets=[("-O1",), ("-O2",)])
+    assert reason is not None and reason.count("does not load") == 2
+    assert list(cache.iterdir()) == []
+
+
+MISSING_SYMBOL_C = """
+int present(int x) { return x + 1; }
+#ifdef WITH_ABSENT
+int absent(int x) { return x + 2; }
+#endif
+"""
+
+
+@needs_compiler
+def test_a_library_without_an_expected_symbol_falls_back_with_a_warning(tmp_path, monkeypatch) -> None:
+    """A build lacking one of the expected functions is rejected at load with a warning naming the
+    symbol (not an AttributeError at every step) and removed from the cache; the next flag set,
+    which has it, serves. With no flag set that has it, load_library returns None."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    source = copy_source(tmp_path, "missing_symbol", MISSING_SYMBOL_C)
+    signatures = {"present": (ctypes.c_int, [ctypes.c_int]), "absent": (ctypes.c_int, [ctypes.c_int])}
+    flag_sets = [("-O1",), ("-O1", "-DWITH_ABSENT")]
+    with pytest.warns(native.NativeKernelWarning, match="no symbol absent"):
+        library = native.load_library(source, signatures, flag_sets=flag_sets)
+    assert library is not None and library.flags == flag_sets[1]
+    assert library.cdll.absent(1) == 3
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [library.path.name]
+
+    other = copy_source(tmp_path, "missing_symbol_everywhere", MISSING_SYMBOL_C)
+    with pytest.warns(native.NativeKernelWarning, match="no symbol absent"):
+        assert native.load_library(other, signatures, flag_sets=flag_sets[:1]) is None
+    assert "no symbol absent" in native.unavailable_reason(other, flag_sets=flag_sets[:1])
+
+
+@needs_compiler
+def test_a_failed_self_check_rejects_the_build_and_tries_the_next(tmp_path, monkeypatch) -> None:
+    """load_library's ``check`` sees each loaded build; one it refuses is removed and the next flag set tried."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    source = copy_source(tmp_path, "self_checked", MISSING_SYMBOL_C)
+    signatures = {"present": (ctypes.c_int, [ctypes.c_int])}
+    with pytest.warns(native.NativeKernelWarning, match="self-check"):
+        library = native.load_library(source, signatures, flag_sets=[("-O0",), ("-O1",)], check=_refuses_o0)
+    assert library is not None and library.flags == ("-O1",)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [library.path.name]
+
+
+def _refuses_o0(library: native.NativeLibrary) -> bool:
+    return library.flags != ("-O0",)
+
+
+def _private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the temp fallback at a directory of this test; return where its per-user dir will be."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    return tmp_path / "tmp" / f"fused-optim-{os.getuid()}"
+
+
+def _deny_writes_to(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``directory`` read-only for this process (root writes anywhere, so it is told so as well)."""
+    directory.chmod(0o500)
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr(
+            native.os, "access", lambda path, mode, **kw: Path(path) != directory and real_access(path, mode, **kw)
+        )
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="ownership and modes are POSIX notions")
+@pytest.mark.parametrize("problem", ["group-writable", "world-writable", "read-only", "foreign", "a-file"])
+def test_an_unsafe_or_unwritable_cache_dir_warns_and_kernels_stay_native(tmp_path, monkeypatch, problem) -> None:
+    """A cache dir that others could write to (they could run code in this process), that belongs
+    to another user, that cannot be written or created: a warning naming it and
+    FUSED_OPTIM_CACHE_DIR, and the library is built in the private temp dir and loads (native
+    kernels are not silently disabled); nothing is written into the unsafe directory."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if problem == "group-writable":
+        cache.chmod(0o770)
+    elif problem == "world-writable":
+        cache.chmod(0o707)
+    elif problem == "read-only":
+        _deny_writes_to(cache, monkeypatch)
+    elif problem == "foreign":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a directory to another user")
+        os.chown(cache, 65534, 65534)
+    else:
+        cache.rmdir()
+        cache.write_text("")
+        cache = cache / "cache"
+    private = _private_tmp(tmp_path, monkeypatch)
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    source = copy_source(tmp_path, f"convert_{problem}")
+    with pytest.warns(native.NativeKernelWarning) as caught:
+        library = native.load_library(source, SIGNATURES, flag_sets=[("-O1",)])
+    message = str(caught[0].message)
+    assert str(cache) in message and native.CACHE_ENV in message and str(private) in message
+    assert library is not None and library.path.parent == private
+    assert private.stat().st_mode & 0o777 == 0o700
+    assert not cache.is_dir() or list(cache.iterdir()) == []
+
+
+@needs_compiler
+def test_a_safe_cache_dir_gives_no_warning_and_is_created_private(tmp_path, monkeypatch) -> None:
+    """The control: a fresh cache dir is created 0700 and used without a warning."""
+    import warnings
+
+    cache = tmp_path / "fresh"
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    source = copy_source(tmp_path, "convert_safe_dir")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", native.NativeKernelWarning)
+        library = native.load_library(source, SIGNATURES, flag_sets=[("-O1",)])
+    assert library is not None and library.path.parent == cache
+    assert cache.stat().st_mode & 0o777 == 0o700
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-checks of fused-core's own kernel libraries
+
+
+@needs_compiler
+def test_grad_norm_self_check_passes_for_the_real_kernels() -> None:
+    from fused_core import grad_norm
+    from fused_testing.native import require_library
+
+    library = require_library(grad_norm.library(), grad_norm.SOURCE)
+    assert grad_norm.kernels_agree_with_torch(library)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "wrong",
+    [("total += x[i] * x[i];", "total += x[i] * x[i] * 1.001f;"), ("x[i] *= c;", "x[i] *= c * 1.0000002f;")],
+    ids=["sumsq", "scale"],
+)
+def test_grad_norm_self_check_rejects_a_wrong_kernel(tmp_path, monkeypatch, wrong) -> None:
+    """csrc/grad_norm.c with a slightly wrong sum of squares (0.1 % too large) or scaling (by a
+    coefficient two ulps off): every build fails the self-check on load, a warning says so, and clipping falls
+    back to torch ops instead of trusting it."""
+    from fused_core import grad_norm
+
+    text = grad_norm.SOURCE.read_text()
+    assert wrong[0] in text
+    broken = tmp_path / "grad_norm.c"
+    broken.write_text(text.replace(wrong[0], wrong[1]))
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(grad_norm, "SOURCE", broken)
+    grad_norm.library.cache_clear()
+    try:
+        with pytest.warns(native.NativeKernelWarning, match="self-check"):
+            assert grad_norm.library() is None
+        assert not grad_norm.serves(torch.device("cpu"), torch.float32)
+        assert "self-check" in native.unavailable_reason(broken)
+        assert list((tmp_path / "cache").iterdir()) == []
+    finally:
+        grad_norm.library.cache_clear()
+
+
+def test_gradient_reader_self_check_passes_where_it_loads() -> None:
+    from fused_core import gradients
+
+    library = gradients.library()
+    if library is None:
+        pytest.skip(f"no gradient reader: {native.unavailable_reason(gradients.SOURCE, flag_sets=gradients.FLAG_SETS)}")
+    assert gradients.reads_like_torch(library)

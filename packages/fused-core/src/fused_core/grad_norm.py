@@ -50,7 +50,61 @@ def library() -> NativeLibrary | None:
             {f"grad_sumsq_segments_{suffix}": _SEGMENTS_REDUCE, f"grad_maxabs_segments_{suffix}": _SEGMENTS_REDUCE}
         )
         signatures[f"grad_scale_segments_{suffix}"] = _SEGMENTS_SCALE
-    return load_library(SOURCE, signatures)
+    return load_library(SOURCE, signatures, check=kernels_agree_with_torch)
+
+
+PROBE_NUMEL = 2 * 65536 + 11
+"""Elements of the load-time probe: more than one of the kernels' 65,536-element pieces, odd length."""
+SUMSQ_TOLERANCE = 1e-5
+"""Relative error allowed in a sum of squares: fp32 partial sums of 256 elements, added in fp64."""
+
+
+def kernels_agree_with_torch(library: NativeLibrary) -> bool:
+    """Whether every kernel of ``library`` computes what torch ops do, for each dtype, on a probe.
+
+    ``fused_core.native`` runs this on every load of ``csrc/grad_norm.c`` and rejects a build that
+    fails it (a miscompiled or foreign library). Max-abs (NaN included) and scaling must give
+    torch's bits; the sum of squares, whose order of additions is the kernel's own, must agree to
+    :data:`SUMSQ_TOLERANCE`. The segment kernels run over two segments with a gap between them.
+    """
+    generator = torch.Generator().manual_seed(0)
+    threads, factor, half = torch.get_num_threads(), 0.3, PROBE_NUMEL // 2
+    for dtype, suffix in _SUFFIXES.items():
+
+        def kernel(name: str, suffix: str = suffix) -> ctypes._CFuncPtr:
+            return getattr(library.cdll, f"grad_{name}_{suffix}")
+
+        flat = (torch.randn(PROBE_NUMEL, generator=generator, dtype=torch.float64) * 3).to(dtype)
+        parts = [flat[:half].clone(), flat[half:].clone()]
+        segments = (  # addresses (the middle one a gap), numels, has a gradient
+            torch.tensor([parts[0].data_ptr(), 0, parts[1].data_ptr()]),
+            torch.tensor([half, 5, PROBE_NUMEL - half]),
+            torch.tensor([1, 0, 1], dtype=torch.int8),
+        )
+        table = (*(t.data_ptr() for t in segments), len(parts) + 1)
+        with_nan = flat.clone()
+        with_nan[-3] = math.nan
+        sumsq, maxabs = float(flat.double().square().sum()), float(flat.abs().max())
+        sums = (kernel("sumsq")(flat.data_ptr(), PROBE_NUMEL, threads), kernel("sumsq_segments")(*table, threads))
+        maxima = (kernel("maxabs")(flat.data_ptr(), PROBE_NUMEL, threads), kernel("maxabs_segments")(*table, threads))
+        nan_max = kernel("maxabs")(with_nan.data_ptr(), PROBE_NUMEL, threads)
+        scaled = (flat.float() * torch.tensor(factor, dtype=torch.float32)).to(dtype)
+        kernel("scale")(flat.data_ptr(), PROBE_NUMEL, factor, threads)
+        kernel("scale_segments")(*table, factor, threads)
+        if (
+            any(abs(value - sumsq) > SUMSQ_TOLERANCE * sumsq for value in sums)
+            or any(value != maxabs for value in maxima)
+            or not math.isnan(nan_max)
+            or not _same_bits(flat, scaled)
+            or not _same_bits(torch.cat(parts), scaled)
+        ):
+            return False
+    return True
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    bits = torch.int16 if a.element_size() == 2 else torch.int32
+    return torch.equal(a.view(bits), b.view(bits))
 
 
 def serves(device: torch.device, dtype: torch.dtype) -> bool:

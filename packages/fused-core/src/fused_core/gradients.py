@@ -64,7 +64,36 @@ def library() -> NativeLibrary | None:
     arguments = _torch_build_arguments()
     if arguments is None or os.name != "posix":
         return None
-    return load_library(SOURCE, _SIGNATURES, flag_sets=FLAG_SETS, extra=arguments, python_api=True)
+    return load_library(
+        SOURCE, _SIGNATURES, flag_sets=FLAG_SETS, extra=arguments, python_api=True, check=reads_like_torch
+    )
+
+
+def reads_like_torch(lib: NativeLibrary) -> bool:
+    """Whether ``lib`` reads and clears ``.grad`` as torch sees it, on four probe parameters.
+
+    Run by ``fused_core.native`` on every load: a build against other headers than the torch in
+    this process would read the wrong fields. The probe has a gradient in place, none, one with
+    other strides (NEEDS_COPY) and a parameter that moved; clearing must leave every ``.grad`` None.
+    """
+    params = [torch.zeros(3, 4, requires_grad=True) for _ in range(4)]
+    params[0].grad = torch.ones(3, 4)
+    params[2].grad = torch.ones(4, 3).t()
+    params[3].grad = torch.ones(3, 4)
+    ptrs, grad_ptr = [p.data_ptr() for p in params], params[0].grad.data_ptr()
+    table = GradTable(lib, params, [*ptrs[:3], ptrs[3] + 4])
+    try:
+        problems = table.read()
+        table.clear()
+    except RuntimeError:
+        return False
+    expected = [IN_PLACE, NO_GRAD, NEEDS_COPY, MOVED]
+    return (
+        problems == 2
+        and table.status.tolist() == expected
+        and table.ptrs.tolist() == [grad_ptr, 0, 0, 0]
+        and all(p.grad is None for p in params)
+    )
 
 
 class GradTable:

@@ -7,6 +7,21 @@ headers of :data:`INCLUDE_DIR`, the compiler command, the flags and the CPU's fe
 later calls, in this process or another, load that file. Flags are tried in the order of
 :data:`FLAG_SETS` (tuned for this CPU first, then portable).
 
+The cache is shared by every process of the user, on this machine or (on a shared file system)
+on others, so it is written atomically and read with suspicion:
+
+* each build compiles into a temp file of its own (host, pid and a random part in the name),
+  appends a seal (the SHA-256 of the bytes before it; the dynamic loader ignores trailing bytes)
+  and renames it into place: a reader sees a whole library or none;
+* a cached file whose seal does not match (truncated, overwritten, from an older version) is
+  never ``dlopen``-ed (a truncated library crashes the loader with SIGBUS), it is rebuilt;
+* a library that does not load, lacks one of the expected symbols or fails its caller's
+  self-check is removed from the cache and the next flag set is tried, with a
+  :class:`NativeKernelWarning`;
+* the cache directory must belong to this user and be closed to group and others (whoever can
+  write it can run code in this process); where it is not, or cannot be written, the library
+  goes to a private per-user temp directory, with a warning naming the directory.
+
 Nothing here is required: where no compiler works, the library does not load, or
 ``FUSED_OPTIM_DISABLE_NATIVE`` is set, :func:`load_library` returns None and
 :func:`unavailable_reason` says why, and the plugin's kernel registration falls back to
@@ -23,9 +38,13 @@ import hashlib
 import os
 import platform
 import shlex
+import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,17 +56,26 @@ CACHE_ENV = "FUSED_OPTIM_CACHE_DIR"
 INCLUDE_DIR = Path(__file__).with_name("csrc")
 """fused-core's C headers (``fused_half.h``), on the include path of every compilation."""
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
-    ("-O3", "-march=native", "-fopenmp"),
-    ("-O3", "-fopenmp"),
-    ("-O3",),
+    ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
+    ("-O3", "-fopenmp", "-ffp-contract=off"),
+    ("-O3", "-ffp-contract=off"),
 )
 """Tried in order. With ``-fopenmp`` the library needs ``libgomp.so.1``, which torch's Linux
 wheels have loaded already: the dynamic loader reuses it, so a kernel's OpenMP threads are
-torch's intra-op threads."""
+torch's intra-op threads. ``-ffp-contract=off``: the kernels round where they say (explicit
+``fma`` where ATen fuses, separate roundings elsewhere), so every flag set gives the same bits;
+the compiler may not fuse a multiply and an add of its own accord where the CPU has FMA."""
 COMPILE_TIMEOUT_S = 120
+SEAL = b"\nfused-optim sha256 "
+"""Precedes the hex SHA-256 of the library's bytes at the end of every cached library."""
+_SEAL_SIZE = len(SEAL) + 64
 
 Signature = tuple[Any, Sequence[Any]]
 """``(restype, argtypes)`` of one exported C function, in ctypes types."""
+
+
+class NativeKernelWarning(RuntimeWarning):
+    """A C kernel library was rejected, or the cache directory is unsafe: torch ops or another build serve."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +87,17 @@ class NativeLibrary:
     flags: tuple[str, ...]
 
 
+SelfCheck = Callable[[NativeLibrary], bool]
+"""Runs a freshly loaded library's kernels on a small probe and says whether they are right."""
 FlagSets = tuple[tuple[str, ...], ...]
 _reasons: dict[tuple[str, FlagSets], str] = {}
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, NativeKernelWarning, stacklevel=3)
 
 
 def cache_dir() -> Path:
@@ -97,60 +134,151 @@ def _library_path(source: Path, flags: Sequence[str], directory: Path, extra: Se
     return directory / f"{source.stem}-{digest.hexdigest()[:20]}.so"
 
 
-def _private_temp_dir() -> Path:
-    """A per-user directory under the system's temp dir, for when the cache dir cannot be created.
+def _unsafe(directory: Path) -> str | None:
+    """Why ``directory`` may not hold libraries this process loads (None if it may).
 
-    It must be ours and closed to others: a library found there is loaded into the process.
+    Anyone who can write it can replace a library and so run code in this process: it must be
+    this user's, not writable by group or others, and writable by us."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        status = directory.stat()
+    except OSError as error:
+        return f"cannot be created ({error})"
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    if uid is not None and status.st_uid != uid:
+        return f"belongs to uid {status.st_uid}, not to this user (uid {uid})"
+    if uid is not None and status.st_mode & 0o022:
+        return f"is writable by group or others (mode {status.st_mode & 0o777:o})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
+
+
+def _private_temp_dir() -> Path:
+    """A per-user directory under the system's temp dir, for when the cache dir is unusable.
+
+    It must be ours and closed to others, as the cache dir: a library found there is loaded into the process.
     """
     uid = os.getuid() if hasattr(os, "getuid") else None
     directory = Path(tempfile.gettempdir()) / f"fused-optim-{uid if uid is not None else 'user'}"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    status = directory.stat()
-    if uid is not None and (status.st_uid != uid or status.st_mode & 0o022):
-        raise RuntimeError(f"{directory} is not a private directory of this user; set {CACHE_ENV}")
+    problem = _unsafe(directory)
+    if problem is not None:
+        raise RuntimeError(f"{directory} is not a private directory of this user ({problem}); set {CACHE_ENV}")
     return directory
+
+
+def _usable_dir(directory: Path) -> Path:
+    """``directory`` if it is safe to build into and load from, else the private temp dir (warning once)."""
+    problem = _unsafe(directory)
+    if problem is None:
+        return directory
+    fallback = _private_temp_dir()
+    _warn_once(
+        f"fused-optim's kernel cache {directory} {problem}; using {fallback} instead. "
+        f"Set {CACHE_ENV} to a directory of this user that group and others cannot write (chmod go-w)."
+    )
+    return fallback
+
+
+def _is_sealed(path: Path) -> bool:
+    """Whether ``path`` is a whole library as :func:`build` wrote it (its seal matches its bytes)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    body, seal = data[:-_SEAL_SIZE], data[-_SEAL_SIZE:]
+    return seal.startswith(SEAL) and hashlib.sha256(body).hexdigest().encode() == seal[len(SEAL) :]
+
+
+def _seal(path: Path) -> None:
+    with open(path, "r+b") as file:
+        body = file.read()
+        file.write(SEAL + hashlib.sha256(body).hexdigest().encode())
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def build(source: Path, flags: Sequence[str], directory: Path | None = None, extra: Sequence[str] = ()) -> Path:
     """Compile ``source`` with ``flags`` (then ``extra``: include and link arguments) into the cache
-    (unless it is there already) and return the library's path.
+    (unless a sealed copy is there already) and return the library's path.
 
-    Concurrent builds (several ranks starting at once) each write a private file and
-    rename it into place. Raises ``RuntimeError`` with the compiler's output on failure.
+    The compiler writes a temp file named for this host, process and a random UUID (ranks on several
+    nodes or containers may share the directory and a pid), which is sealed and renamed into place.
+    A cached file whose seal does not match is rebuilt. An unsafe or unwritable ``directory`` is
+    replaced by a private temp dir, with a warning. Raises ``RuntimeError`` with the compiler's
+    output on failure.
     """
-    directory = cache_dir() if directory is None else directory
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        directory = _private_temp_dir()
+    directory = _usable_dir(cache_dir() if directory is None else directory)
     target = _library_path(source, flags, directory, extra)
-    if target.exists():
+    if _is_sealed(target):
         return target
-    private = target.with_name(f"{target.stem}.{os.getpid()}.tmp.so")
+    private = target.with_name(f"{target.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     command = [*_compiler(source), *flags, "-shared", "-fPIC", f"-I{INCLUDE_DIR}", "-o", str(private), str(source)]
     command += extra
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise RuntimeError(f"{shlex.join(command)}: {error}") from error
-    if done.returncode != 0:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise RuntimeError(f"{shlex.join(command)}: {error}") from error
+        if done.returncode != 0:
+            raise RuntimeError(f"{shlex.join(command)} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
+        _seal(private)
+        os.replace(private, target)
+    finally:
         private.unlink(missing_ok=True)
-        raise RuntimeError(f"{shlex.join(command)} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
-    os.replace(private, target)
     return target
 
 
+def _open(path: Path, flags: tuple[str, ...], python_api: bool, signatures: tuple) -> NativeLibrary:
+    """Load the sealed library at ``path`` and apply ``signatures``; RuntimeError if it is not whole,
+    does not load or lacks a symbol."""
+    if not _is_sealed(path):
+        raise RuntimeError(f"{path} changed after it was built (its seal does not match)")
+    try:
+        cdll = (ctypes.PyDLL if python_api else ctypes.CDLL)(str(path))
+    except OSError as error:
+        raise RuntimeError(f"{path} does not load: {error}") from error
+    for name, restype, argtypes in signatures:
+        try:
+            function = getattr(cdll, name)
+        except AttributeError:
+            raise RuntimeError(f"{path} has no symbol {name}") from None
+        function.restype, function.argtypes = restype, list(argtypes)
+    return NativeLibrary(cdll, path, flags)
+
+
 @functools.cache
-def _load(source: str, flag_sets: FlagSets, extra: tuple[str, ...], python_api: bool) -> NativeLibrary | None:
-    failures = []
-    loader = ctypes.PyDLL if python_api else ctypes.CDLL
+def _load(
+    source: str,
+    flag_sets: FlagSets,
+    extra: tuple[str, ...],
+    python_api: bool,
+    signatures: tuple,
+    check: SelfCheck | None,
+) -> NativeLibrary | None:
+    failures, rejected = [], False
     for flags in flag_sets:
         try:
             path = build(Path(source), flags, extra=extra)
-            return NativeLibrary(loader(str(path)), path, flags)
         except (RuntimeError, OSError) as error:
             failures.append(f"[{' '.join(flags)}] {error}")
-    _reasons[(source, flag_sets)] = "; ".join(failures) or "no flags to build with"
+            continue
+        try:
+            library = _open(path, flags, python_api, signatures)
+            if check is not None and not check(library):
+                raise RuntimeError(f"{path} failed its self-check (its kernels disagree with torch ops)")
+            return library
+        except (RuntimeError, OSError, ValueError, TypeError) as error:
+            # Never leave a library that failed here in the cache for the next process to trust.
+            path.unlink(missing_ok=True)
+            failures.append(f"[{' '.join(flags)}] {error}")
+            rejected = True
+            _warn_once(f"fused-optim rejected its C kernels {path.name} built with {' '.join(flags)}: {error}")
+    reason = "; ".join(failures) or "no flags to build with"
+    _reasons[(source, flag_sets)] = reason
+    if not rejected and shutil.which((_compiler(Path(source)) or [""])[0]) is not None:
+        # A compiler is there, so this is a broken toolchain, not a machine without one.
+        _warn_once(f"fused-optim's C kernels {Path(source).name} are not used, torch ops serve instead: {reason}")
     return None
 
 
@@ -161,6 +289,7 @@ def load_library(
     flag_sets: Sequence[Sequence[str]] = FLAG_SETS,
     extra: Sequence[str] = (),
     python_api: bool = False,
+    check: SelfCheck | None = None,
 ) -> NativeLibrary | None:
     """The compiled ``source`` with ``signatures`` applied, or None where it cannot be had.
 
@@ -169,21 +298,19 @@ def load_library(
     functions run with the GIL held, for code that may touch Python objects (freeing a tensor can).
     Otherwise ctypes releases the GIL for the duration of each call.
 
-    Built and loaded once per process and set of flags; :func:`unavailable_reason` says why not.
-    Each call checks ``FUSED_OPTIM_DISABLE_NATIVE`` and sets the signatures again (a few µs):
-    a launcher keeps the result (``functools.cache`` on its accessor) instead of calling this
-    every step.
+    Every name of ``signatures`` must be exported, and ``check`` (a function of the loaded
+    library, hashable: a module-level function) must return True, or the build is rejected, removed
+    from the cache and the next flag set is tried; a kernel library's ``check`` compares its
+    kernels with torch ops on a small probe. Built, loaded and checked once per process and set of
+    flags; :func:`unavailable_reason` says why not. A launcher keeps the result
+    (``functools.cache`` on its accessor) instead of calling this every step.
     """
     frozen: FlagSets = tuple(tuple(flags) for flags in flag_sets)
     if os.environ.get(DISABLE_ENV):
         _reasons[(str(source), frozen)] = f"disabled by {DISABLE_ENV}"
         return None
-    library = _load(str(source), frozen, tuple(extra), python_api)
-    if library is not None:
-        for name, (restype, argtypes) in signatures.items():
-            function = getattr(library.cdll, name)
-            function.restype, function.argtypes = restype, list(argtypes)
-    return library
+    frozen_signatures = tuple((name, restype, tuple(argtypes)) for name, (restype, argtypes) in signatures.items())
+    return _load(str(source), frozen, tuple(extra), python_api, frozen_signatures, check)
 
 
 def unavailable_reason(source: Path, *, flag_sets: Sequence[Sequence[str]] = FLAG_SETS) -> str | None:

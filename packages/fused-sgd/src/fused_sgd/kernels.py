@@ -16,19 +16,27 @@ Four flat launchers implement it, and one segment launcher (gradients read where
 
 * :func:`sgd_composite`: torch ops on the flat slices, for any device and dtype;
   fp16/bf16 slices are computed in fp32 (in cache-sized chunks) and rounded once.
+  In fp32 and fp64 these are torch.optim.SGD(foreach=False)'s operations in its order, so the
+  results are torch's bit for bit.
 * :func:`sgd_native_fused`: torch's own fused SGD op (``torch._fused_sgd_``) over the
-  whole slice, for the dtypes where :func:`native_fused_agrees` has checked it against
-  :func:`sgd_composite` on the device at hand (torch 2.13's CPU build: fp32 and fp64).
+  whole slice, on CUDA for the dtypes where :func:`native_fused_agrees` has checked it against
+  :func:`sgd_composite`. Never on the CPU: torch 2.13's CPU op rounds one or two momentum
+  values per million differently in fp32 and fp64, and is wrong for fp16/bf16.
 * :func:`sgd_native_fused_fp32_chunks`: for fp16/bf16 where only the fp32 fused op is
-  right: cache-sized chunks are upcast, updated by the fp32 fused op, and rounded once.
-* :func:`sgd_c_half`: fp16/bf16 on the CPU in one pass over memory, by a C kernel
-  (``csrc/sgd.c``) compiled on first use (:mod:`fused_core.native`) and checked
-  against :func:`sgd_composite` before any dtype is routed to it (:func:`c_half_serves`).
+  right (CUDA): cache-sized chunks are upcast, updated by the fp32 fused op, and rounded once.
+* :func:`sgd_c_flat` (also named :func:`sgd_c_half`): every CPU dtype in one pass over memory,
+  by a C kernel (``csrc/sgd.c``) compiled on first use (:mod:`fused_core.native`).
 * :func:`sgd_c_segments`: every CPU dtype, the same C kernel over the slots of a param group,
   each slot's gradient read at its own address (:class:`fused_core.kernels.GradSegments`).
   In fp32 and fp64 it performs torch.optim.SGD(foreach=False)'s operations in its order,
   each ``add(..., alpha=a)`` a fused multiply-add as ATen's, so the results are torch's bit
-  for bit; fp16/bf16 are computed in fp32 and rounded once (:func:`c_segments_serve`).
+  for bit; fp16/bf16 are computed in fp32 and rounded once, as the composite does.
+
+Same bits whatever serves: on the CPU every launcher of a dtype gives :func:`sgd_composite`'s
+bits, so a data-parallel rank whose C kernel did not build (or was built with other flags)
+does not drift from its peers. The C library is checked for that when it is loaded
+(:func:`c_kernel_matches_composite`, bit for bit, every dtype; a build that fails is rejected
+and the next flag set tried), and the composite serves where no build passes.
 """
 
 from __future__ import annotations
@@ -129,16 +137,57 @@ _C_SIGNATURE = (
 )
 
 
+C_PROBE_NUMEL = 2 * 32768 + 5
+"""Elements of the load-time probe: more than one of the kernel's 32,768-element pieces, odd length."""
+
+
 @functools.cache
 def c_library() -> NativeLibrary | None:
     """The compiled ``csrc/sgd.c``, or None (``fused_core.native.unavailable_reason(C_SOURCE)`` says why).
 
+    Only a build that gives :func:`sgd_composite`'s bits is used (:func:`c_kernel_matches_composite`).
     Looked up once per process: every step calls this."""
-    return load_library(C_SOURCE, {name: _C_SIGNATURE for name in C_SEGMENT_FUNCTIONS.values()}, extra=("-lm",))
+    return load_library(
+        C_SOURCE,
+        {name: _C_SIGNATURE for name in C_SEGMENT_FUNCTIONS.values()},
+        extra=("-lm",),
+        check=c_kernel_matches_composite,
+    )
 
 
-def _c_call(params: torch.Tensor, state: Mapping[str, torch.Tensor], grads: GradSegments, hp: Mapping[str, Any]) -> int:
-    library = c_library()
+def c_kernel_matches_composite(library: NativeLibrary) -> bool:
+    """Whether ``library``'s kernels give :func:`sgd_composite`'s bits for every dtype on the CPU.
+
+    ``fused_core.native`` runs this on every load of ``csrc/sgd.c``: a miscompiled build, or one
+    whose rounding differs from the composite (and so from any rank where the composite serves),
+    is rejected there."""
+
+    cpu, launcher = torch.device("cpu"), c_flat_launcher(library)
+    return all(_matches_composite(launcher, cpu, dtype, C_PROBE_NUMEL, exact=True) for dtype in C_SEGMENT_FUNCTIONS)
+
+
+def c_flat_launcher(library: NativeLibrary) -> Launcher:
+    """A flat launcher running the kernel of ``library`` (a build of ``csrc/sgd.c``), whichever it is."""
+
+    def launcher(
+        params: torch.Tensor,
+        grads: torch.Tensor,
+        state: Mapping[str, torch.Tensor],
+        hp: Mapping[str, Any],
+        first_step: bool,
+    ) -> None:
+        _c_call(library, params, state, GradSegments.whole(grads, initialized=not first_step), hp)
+
+    return launcher
+
+
+def _c_call(
+    library: NativeLibrary | None,
+    params: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    grads: GradSegments,
+    hp: Mapping[str, Any],
+) -> int:
     if library is None or params.dtype not in C_SEGMENT_FUNCTIONS or params.device.type != "cpu":
         raise RuntimeError(f"the C SGD kernel cannot serve {params.dtype} on {params.device}")
     buf = _momentum_buffer(state, hp)
@@ -168,7 +217,7 @@ def sgd_c_segments(
     params: torch.Tensor, state: Mapping[str, torch.Tensor], grads: GradSegments, hp: Mapping[str, Any]
 ) -> int:
     """Segment launcher: every slot's gradient read where it lies, one C call for the run."""
-    return _c_call(params, state, grads, hp)
+    return _c_call(c_library(), params, state, grads, hp)
 
 
 def sgd_c_flat(
@@ -181,34 +230,26 @@ def sgd_c_flat(
     """Flat launcher: CPU slices through the C kernel, as one slot, on ``torch.get_num_threads()`` threads."""
     for tensor in (grads, *state.values()):
         if tensor.device != params.device or tensor.dtype != params.dtype or not tensor.is_contiguous():
-            raise ValueError("sgd_c_half takes contiguous CPU slices of one dtype")
+            raise ValueError("sgd_c_flat takes contiguous CPU slices of one dtype")
         if tensor.numel() != params.numel():
-            raise ValueError("sgd_c_half takes slices of one length")
-    _c_call(params, state, GradSegments.whole(grads, initialized=not first_step), hp)
+            raise ValueError("sgd_c_flat takes slices of one length")
+    _c_call(c_library(), params, state, GradSegments.whole(grads, initialized=not first_step), hp)
 
 
-sgd_c_half = sgd_c_flat
-"""The flat launcher routed for fp16/bf16 on the CPU (:func:`c_half_serves`)."""
+def c_flat_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Route a CPU dtype's flat slices to :func:`sgd_c_flat` when a build of the kernel loaded (and so
+    passed :func:`c_kernel_matches_composite`)."""
+    return device.type == "cpu" and dtype in C_SEGMENT_FUNCTIONS and c_library() is not None
 
 
-def c_half_serves(device: torch.device, dtype: torch.dtype) -> bool:
-    """Route a CPU fp16/bf16 dtype to :func:`sgd_c_half` when the kernel compiled and agrees with the composite."""
-    return (
-        device.type == "cpu"
-        and dtype in LOW_PRECISION
-        and c_library() is not None
-        and agrees_with_composite(sgd_c_half, device, dtype)
-    )
+sgd_c_half, c_half_serves = sgd_c_flat, c_flat_serves
+"""The names of the flat C launcher and its predicate from when they served fp16/bf16 only."""
 
 
 def c_segments_serve(device: torch.device, dtype: torch.dtype) -> bool:
-    """Route a CPU dtype to :func:`sgd_c_segments` when the kernel compiled and agrees with the composite."""
-    return (
-        device.type == "cpu"
-        and dtype in C_SEGMENT_FUNCTIONS
-        and c_library() is not None
-        and agrees_with_composite(sgd_c_flat, device, dtype)
-    )
+    """Route a CPU dtype to :func:`sgd_c_segments` when a build of the kernel loaded (and so passed
+    :func:`c_kernel_matches_composite`)."""
+    return device.type == "cpu" and dtype in C_SEGMENT_FUNCTIONS and c_library() is not None
 
 
 def fp32_native_fused_serves(device: torch.device, dtype: torch.dtype) -> bool:
@@ -225,17 +266,36 @@ _PROBE_CASES = (
 
 @functools.cache
 def native_fused_agrees(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._fused_sgd_`` matches :func:`sgd_composite` on ``device`` for ``dtype``."""
-    return hasattr(torch, "_fused_sgd_") and agrees_with_composite(sgd_native_fused, device, dtype)
+    """Whether ``torch._fused_sgd_`` may serve ``dtype`` on ``device``: never on the CPU (its rounding
+    differs from the composite's in a value or two per million, too rarely for a probe to see, so a
+    rank where it served would drift from one where the C kernel or the composite does), elsewhere where it matches
+    :func:`sgd_composite`."""
+    return (
+        device.type != "cpu"
+        and hasattr(torch, "_fused_sgd_")
+        and agrees_with_composite(sgd_native_fused, device, dtype)
+    )
 
 
 @functools.cache
 def agrees_with_composite(launcher: Launcher, device: torch.device, dtype: torch.dtype, numel: int = 4099) -> bool:
-    """Whether ``launcher`` matches :func:`sgd_composite` on ``device`` for ``dtype``.
+    """Whether ``launcher`` matches :func:`sgd_composite` on ``device`` for ``dtype``: on the CPU
+    bit for bit, elsewhere within 4 units in the last place of ``dtype`` (relative to the largest value)."""
+    return _matches_composite(launcher, device, dtype, numel, exact=device.type == "cpu")
 
-    Runs a first and a second step of each probe case on fresh random data and
-    allows 4 units in the last place of ``dtype``, relative to the largest value.
-    """
+
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+def _matches_composite(launcher: Launcher, device: torch.device, dtype: torch.dtype, numel: int, exact: bool) -> bool:
+    """Runs a first and a second step of each probe case on fresh random data with ``launcher`` and
+    with :func:`sgd_composite` and compares parameters and momentum: bit for bit if ``exact``, else
+    to 4 units in the last place of ``dtype``, relative to the largest value."""
     generator = torch.Generator().manual_seed(0)
     tolerance = 4 * torch.finfo(dtype).eps
     try:
@@ -246,9 +306,13 @@ def agrees_with_composite(launcher: Launcher, device: torch.device, dtype: torch
             for first_step in (True, False):
                 sgd_composite(ours[0], ours[1], {"momentum_buffer": ours[2]}, hp, first_step)
                 launcher(theirs[0], theirs[1], {"momentum_buffer": theirs[2]}, hp, first_step)
-            for mine, native in zip(ours, theirs):
+            for mine, other in zip(ours, theirs):
+                if exact:
+                    if not torch.equal(mine.view(_BITS[dtype]), other.view(_BITS[dtype])):
+                        return False
+                    continue
                 scale = mine.double().abs().max().clamp_min(1e-30)
-                if ((mine.double() - native.double()).abs().max() / scale).item() > tolerance:
+                if ((mine.double() - other.double()).abs().max() / scale).item() > tolerance:
                     return False
     except (RuntimeError, NotImplementedError, TypeError):
         return False
