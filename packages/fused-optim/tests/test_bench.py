@@ -291,3 +291,18 @@ def test_unavailable_device_is_a_clear_error(capsys: pytest.CaptureFixture[str])
         pytest.skip("this machine has CUDA")
     assert main(["bench", "--device", "cuda", "--sets", "20k-small"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "npu:1", "tpu", "cpu:0"])
+def test_bench_takes_trains_device_syntax(device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """One --device syntax for every command: cuda:N is a device, not an argparse error."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device.startswith("npu") and "torch_npu" in sys.modules:
+        pytest.skip("torch_npu is imported")
+    assert main(["bench", "--device", device, "--sets", "20k-small"]) == 2
+    err = capsys.readouterr().err
+    if device in ("tpu", "cpu:0"):
+        assert "expected cpu, cuda, cuda:N, npu or npu:N" in err
+    else:
+        assert f"--device {device.split(':')[0]}" in err and "invalid choice" not in err

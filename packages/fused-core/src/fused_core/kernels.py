@@ -176,6 +176,36 @@ class KernelEntry:
         return dtype in self.dtypes
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One registered launcher of a kernel, judged for a (device, dtype): :meth:`KernelRegistry.explain`."""
+
+    launcher: str
+    """The launcher's qualified name, ``module.function``."""
+    plugin: str
+    device_type: str
+    dtypes: str
+    """The registration's dtype filter: ``any``, the dtypes, or the predicate's qualified name."""
+    serves: bool
+    """True for the one launcher that serves (kernel, device, dtype)."""
+    reason: str
+    """Why it serves, or why it does not."""
+
+
+def _qualified(function: Any) -> str:
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None) or repr(function)
+    module = getattr(function, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
+def _describe_filter(dtypes: DtypeFilter) -> str:
+    if dtypes is None:
+        return "any"
+    if callable(dtypes):
+        return _qualified(dtypes)
+    return ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes)) or "none"
+
+
 class KernelRegistry:
     def __init__(self) -> None:
         self._entries: list[KernelEntry] = []
@@ -222,6 +252,44 @@ class KernelRegistry:
             return self.entry(kernel, device, dtype).launcher
         except LookupError:
             return None
+
+    def kernel_names(self) -> list[str]:
+        """Every kernel name with a registered launcher, sorted (segment kernels included)."""
+        return sorted({entry.kernel for entry in self._entries})
+
+    def explain(self, kernel: str, device: torch.device, dtype: torch.dtype) -> list[Verdict]:
+        """Every launcher registered for ``kernel``, most preferred first, each with whether it serves
+        (kernel, device, dtype) and why or why not (read-only, except that a dtype predicate not yet
+        asked about (device, dtype) runs now, once, as :meth:`entry` would run it)."""
+        try:
+            chosen: KernelEntry | None = self.entry(kernel, device, dtype)
+        except LookupError:
+            chosen = None
+        candidates = [entry for entry in reversed(self._entries) if entry.kernel == kernel]
+        order = {ANY_DEVICE: 1, device.type: 0}
+        candidates.sort(key=lambda entry: order.get(entry.device_type, 2))  # stable: latest first within a level
+        verdicts = []
+        for entry in candidates:
+            describe = _describe_filter(entry.dtypes)
+            if entry.device_type not in (device.type, ANY_DEVICE):
+                verdict, reason = False, f"registered for {entry.device_type} only"
+            else:
+                accepts = self._accepts(entry, device, dtype)
+                name = str(dtype).removeprefix("torch.")
+                where = "any device" if entry.device_type == ANY_DEVICE else entry.device_type
+                if entry is chosen:
+                    how = "with any dtype" if accepts is None else f"and its dtype filter accepts {name}"
+                    verdict, reason = True, f"first match in the resolution order: registered for {where} {how}"
+                elif accepts is False:
+                    what = "predicate" if callable(entry.dtypes) else "set"
+                    verdict, reason = False, f"its dtype {what} rejects {name} on {device}"
+                else:
+                    winner = _qualified(chosen.launcher) if chosen is not None else "another launcher"
+                    verdict, reason = False, f"accepts {name}, but {winner} comes first in the resolution order"
+            verdicts.append(
+                Verdict(_qualified(entry.launcher), entry.plugin, entry.device_type, describe, verdict, reason)
+            )
+        return verdicts
 
     def _accepts(self, entry: KernelEntry, device: torch.device, dtype: torch.dtype) -> bool | None:
         """``entry.accepts``, remembered: a predicate runs once per (entry, device, dtype)."""

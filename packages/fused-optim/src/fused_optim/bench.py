@@ -37,7 +37,7 @@ from tqdm import tqdm
 from fused_core import grad_norm, registry
 from fused_testing.shapes import SHAPE_SETS
 
-from . import bench_report
+from . import bench_report, devices
 from .bench_measure import (
     ACCESSES,
     COMPETITORS,
@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "new tensors, p.grad = g), bound (zero_grad(set_to_none=False), then copied in place; clipping is "
         "timed in this mode), or both, interleaved (default: both)",
     )
-    parser.add_argument("--device", choices=["cpu", "cuda", "npu"], default="cpu", help="device (default: cpu)")
+    parser.add_argument("--device", default="cpu", help=devices.HELP)
     parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON to PATH ('-': stdout)")
     parser.add_argument("--plot", metavar="PNG", help="draw the comparison with matplotlib into PNG")
     parser.add_argument("--max-norm", type=float, default=1.0, help="clipping's max_norm (default: 1.0)")
@@ -147,25 +147,11 @@ def _ranks(text: str) -> int:
     return value
 
 
-def _device(name: str) -> torch.device:
-    """The device, or a ValueError that says what is missing."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine")
-    if name == "npu":
-        try:
-            import torch_npu  # type: ignore[import-not-found]  # noqa: F401  (registers the npu device)
-        except ImportError:
-            raise ValueError("--device npu needs torch_npu (Ascend's PyTorch adapter); it is not installed") from None
-        if not torch.npu.is_available():  # type: ignore[attr-defined]
-            raise ValueError("--device npu: torch.npu.is_available() is False on this machine")
-    return torch.device(name)
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "npu":
-        return str(torch.npu.get_device_name())  # type: ignore[attr-defined]
+        return str(torch.npu.get_device_name(device))  # type: ignore[attr-defined]
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -224,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if args.distributed:
         return _run_distributed(args)
     try:
-        device = _device(args.device)
+        device = devices.resolve_device(args.device)
         if args.plot:
             from . import bench_plot
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from .bench_measure import COMPETITORS
 from .bench_report import MODE_TITLES, OP_TITLES
+from .plotting import require_matplotlib
 
 COLOURS = {"fused_sgd": "#d62728", "torch_forloop": "#7f7f7f", "torch_foreach": "#1f77b4", "torch_fused": "#2ca02c"}
 ROWS = ("cycle", "step", "zero_grad", "clip")
@@ -16,16 +17,11 @@ ROWS = ("cycle", "step", "zero_grad", "clip")
 FLOOR = "bandwidth floor"
 MIN_SPAN = 20.0
 """The narrowest y range of a panel, as high / low (log scale)."""
-
-
-def require_matplotlib() -> None:
-    """Fail before the benchmark runs, not after, when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "--plot needs matplotlib: pip install 'fused-optim[plot]' (or pip install matplotlib)"
-        ) from None
+BELOW_SHORTEST = 4.0
+"""The bottom of a row's log axis lies this factor below its shortest bar, so that every bar, the
+fastest competitor's included, rises at least log10(4) = 0.6 decades above the axis."""
+HEADROOM = 2.5
+"""The top lies this factor above the tallest bar: room for the value printed above each bar."""
 
 
 def _bars(ax: Any, runs: list[dict[str, Any]], mode: str, op: str) -> None:
@@ -39,7 +35,8 @@ def _bars(ax: Any, runs: list[dict[str, Any]], mode: str, op: str) -> None:
                 continue
             xs.append(position + (index - (len(COMPETITORS) - 1) / 2) * width)
             ys.append(entry["median_s"] * 1e3)
-        ax.bar(xs, ys, width, label=label, color=COLOURS[key])
+        bars = ax.bar(xs, ys, width, label=label, color=COLOURS[key])
+        ax.bar_label(bars, fmt="%.3g", fontsize=6, rotation=90, padding=2)
     floors = [(position, run["modes"][mode]["ops"][op].get("floor_s")) for position, run in enumerate(runs)]
     floors = [(position, floor) for position, floor in floors if floor]
     if floors:
@@ -69,17 +66,21 @@ def _panel(ax: Any, result: dict[str, Any], mode: str, op: str) -> None:
 
 
 def _same_scale(row: list[Any]) -> None:
-    """One y range for a row's panels, so that the modes compare at a glance, and at least
-    :data:`MIN_SPAN` wide, so that a power of ten labels it (not crowded minor-tick labels)."""
-    if not row:
+    """One y range for a row's panels, so that the modes compare at a glance: from
+    :data:`BELOW_SHORTEST` below the shortest bar to :data:`HEADROOM` above the tallest, at least
+    :data:`MIN_SPAN` wide, labelled at powers of ten only (no crowded minor-tick labels)."""
+    from matplotlib.ticker import NullFormatter
+
+    heights = [patch.get_height() for ax in row for patch in ax.patches if patch.get_height() > 0]
+    if not heights:
         return
-    limits = [ax.get_ylim() for ax in row]
-    low, high = min(low for low, _ in limits), max(high for _, high in limits)
+    low, high = min(heights) / BELOW_SHORTEST, max(heights) * HEADROOM
     if high < low * MIN_SPAN:
         middle = (low * high) ** 0.5
         low, high = middle / MIN_SPAN**0.5, middle * MIN_SPAN**0.5
     for ax in row:
         ax.set_ylim(low, high)
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -1,12 +1,13 @@
-"""Train an MLP on scikit-learn's handwritten digits twice, with FusedSGD and with torch.optim.SGD, and compare.
+"""Train an MLP on handwritten digits twice, with FusedSGD and with torch.optim.SGD, and compare.
 
 Both models start from the same weights (same seed) and see the same
 minibatches: they train in one process, stepping in turn on each batch
 (fused_testing.parity's side-by-side harness), so each optimizer.step() is
 timed under the same conditions. At the end: test accuracy and training loss of
 both, the largest parameter difference, the loss per epoch and the time of one
-optimizer step. The digits (1,797 8x8 images) ship inside scikit-learn: no
-download.
+optimizer step; each epoch is printed as it ends. The digits (1,797 8x8 images, the
+UCI set as scikit-learn ships it) ship inside this package: no download. A run that
+diverges (loss not finite, or above its start) says so and exits with status 3.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,26 @@ from tqdm import tqdm
 from fused_core import FusedOptimError
 from fused_core.hyperparams import validate_group
 from fused_sgd import FusedSGD, SGDHyperparams
-from fused_testing.parity import mlp, train_side_by_side
+from fused_testing.parity import make_model, mlp, train_side_by_side
 from fused_testing.reference import relative_error
 
+from . import devices
+from .plotting import require_matplotlib
 from .train_data import NUM_CLASSES, Digits, batches_per_epoch, epoch_batches, load_digits
-from .train_report import RunReport, TrainReport, check_plotting, format_summary, write_json, write_plot
+from .train_report import (
+    EpochReport,
+    RunReport,
+    TrainReport,
+    format_epoch,
+    format_epoch_header,
+    format_header,
+    format_summary,
+    write_json,
+    write_plot,
+)
 
 NAME = "train"
-HELP = "train an MLP on scikit-learn's digits with FusedSGD and torch.optim.SGD side by side, and compare"
+HELP = "train an MLP on handwritten digits with FusedSGD and torch.optim.SGD side by side, and compare"
 
 EXAMPLES = """\
 examples:
@@ -45,7 +59,10 @@ examples:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REFERENCES = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-DEVICE_TYPES = ("cpu", "cuda", "npu")
+
+
+DIVERGED_EXIT = 3
+"""Exit status of a run in which either optimizer diverged (loss not finite, or above its start)."""
 
 
 class TrainError(Exception):
@@ -78,7 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hidden layers, two tensors each; the classifier adds two more (default: %(default)s)",
     )
     optimizer = parser.add_argument_group("optimizer (the same for both runs)")
-    optimizer.add_argument("--lr", type=float, default=0.1, help="learning rate (default: %(default)s)")
+    optimizer.add_argument(
+        "--lr",
+        type=float,
+        default=0.05,
+        help="learning rate (default: %(default)s; with momentum 0.9, 0.1 is on the edge of stability here)",
+    )
     optimizer.add_argument("--momentum", type=float, default=0.9, help="(default: %(default)s)")
     optimizer.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
     optimizer.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
@@ -95,9 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument(
         "--seed", type=int, default=0, help="initial weights, train/test split, batch order (default: %(default)s)"
     )
-    training.add_argument(
-        "--device", default="cpu", help="cpu (default), cuda[:N] or npu[:N] (npu imports torch_npu, only then)"
-    )
+    training.add_argument("--device", default="cpu", help=devices.HELP)
     training.add_argument(
         "--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype (default: %(default)s)"
     )
@@ -113,40 +133,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--json", type=Path, metavar="PATH", help="write every number of the run as JSON")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``name`` as a torch device, or :class:`TrainError` saying why this machine cannot run on it."""
-    device_type, _, index = name.partition(":")
-    if device_type not in DEVICE_TYPES or (index and not index.isdigit()):
-        raise TrainError(f"--device {name!r}: expected cpu, cuda[:N] or npu[:N]")
-    if device_type == "npu":
-        _import_torch_npu()  # registers the "npu" device type with torch
-    device = torch.device(name)
-    if device.type != "cpu":
-        module = getattr(torch, device.type)
-        if not module.is_available():
-            why = (
-                "this torch build has no CUDA" if device.type == "cuda" and torch.version.cuda is None else "none found"
-            )
-            raise TrainError(f"--device {name}: no {device.type.upper()} device is available ({why})")
-        if device.index is not None and device.index >= module.device_count():
-            raise TrainError(f"--device {name}: there are only {module.device_count()} {device.type.upper()} devices")
-    return device
-
-
-def _import_torch_npu() -> None:
-    try:
-        import torch_npu  # type: ignore[import-not-found]  # noqa: F401
-    except ModuleNotFoundError as error:
-        if error.name != "torch_npu":
-            raise TrainError(f"--device npu: torch_npu could not be imported: {error}") from None
-        raise TrainError(
-            "--device npu needs torch_npu (Ascend's PyTorch adapter), which is not installed; "
-            f"install the torch_npu release that matches torch {torch.__version__}"
-        ) from None
-    except (ImportError, OSError, RuntimeError) as error:
-        raise TrainError(f"--device npu: torch_npu could not be imported: {error}") from None
-
-
 def _check_output(path: Path | None, option: str) -> None:
     if path is not None and not path.parent.is_dir():
         raise TrainError(f"{option} {path}: directory {path.parent} does not exist")
@@ -154,12 +140,16 @@ def _check_output(path: Path | None, option: str) -> None:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, data: Digits, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(test accuracy, mean cross-entropy over the whole training set)."""
+    """(test accuracy, mean cross-entropy over the whole training set); the model's mode is restored."""
+    was_training = model.training
     model.eval()
-    test_logits = model(data.test_inputs.to(device, dtype))
-    accuracy = (test_logits.argmax(dim=1).cpu() == data.test_targets).float().mean().item()
-    train_logits = model(data.train_inputs.to(device, dtype)).float()
-    loss = F.cross_entropy(train_logits, data.train_targets.to(device)).item()
+    try:
+        test_logits = model(data.test_inputs.to(device, dtype))
+        accuracy = (test_logits.argmax(dim=1).cpu() == data.test_targets).float().mean().item()
+        train_logits = model(data.train_inputs.to(device, dtype)).float()
+        loss = F.cross_entropy(train_logits, data.train_targets.to(device)).item()
+    finally:
+        model.train(was_training)
     return accuracy, loss
 
 
@@ -175,9 +165,30 @@ def _max_abs_diff(model_a: nn.Module, model_b: nn.Module) -> float:
     return max(diffs, default=0.0)
 
 
+def _prepare_kernels(device: torch.device, dtype: torch.dtype) -> float:
+    """One untimed FusedSGD step on a throwaway parameter, so that compiling and checking the C kernels
+    (a few seconds, the first time on a machine) is not counted as the first training step; its seconds."""
+    start = time.perf_counter()
+    param = nn.Parameter(torch.zeros(8, device=device, dtype=dtype))
+    optimizer = FusedSGD([param], lr=0.1, momentum=0.9)
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def _say(line: str) -> None:
+    """A line on stdout now, even when piped (a progress bar on a terminal's stderr is kept below it)."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def train(args: argparse.Namespace) -> TrainReport:
-    """Both runs, as the options say; raises :class:`TrainError` or a fused-optim error for bad options."""
-    device = resolve_device(args.device)
+    """Both runs, as the options say, each epoch printed as it ends; raises :class:`TrainError` or a
+    fused-optim error for bad options."""
+    try:
+        device = devices.resolve_device(args.device)
+    except devices.DeviceError as error:
+        raise TrainError(str(error)) from None
     dtype = DTYPES[args.dtype]
     hyperparameters: dict[str, Any] = dict(
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov
@@ -185,7 +196,7 @@ def train(args: argparse.Namespace) -> TrainReport:
     validate_group(SGDHyperparams, hyperparameters, where="SGD options")
     if args.plot is not None:
         try:
-            check_plotting()
+            require_matplotlib()
         except ImportError as error:
             raise TrainError(str(error)) from None
     _check_output(args.plot, "--plot")
@@ -198,32 +209,74 @@ def train(args: argparse.Namespace) -> TrainReport:
         mlp, in_features=data.features, width=args.width, depth=args.depth, num_classes=NUM_CLASSES
     )
     steps_per_epoch = batches_per_epoch(data, args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
     torch_kwargs = REFERENCES[args.reference]
     torch_name = "torch.optim.SGD({})".format(", ".join(f"{k}={v}" for k, v in torch_kwargs.items()))
+    config = {
+        **{key: getattr(args, key) for key in ("width", "depth", "lr", "momentum", "weight_decay", "nesterov")},
+        **{key: getattr(args, key) for key in ("reference", "epochs", "batch_size", "seed", "dtype")},
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    data_summary = {
+        "train": len(data.train_targets),
+        "test": len(data.test_targets),
+        "features": data.features,
+        "classes": NUM_CLASSES,
+    }
+    probe = make_model(build, seed=args.seed)
+    model_summary = {"tensors": len(list(probe.parameters())), "parameters": sum(p.numel() for p in probe.parameters())}
+    del probe
+    print(format_header(config, data_summary, model_summary, steps_per_epoch, torch_name), flush=True)
+    print("kernels:   ", end="", flush=True)
+    seconds = _prepare_kernels(device, dtype)
+    print(f"FusedSGD's ready in {seconds:.1f} s (its C kernels are compiled on first use, then cached)", flush=True)
+    print(flush=True)
+    print(format_epoch_header(args.epochs), flush=True)
+
+    models: dict[str, nn.Module] = {}
+    initial: dict[str, float] = {}
+
+    def optimizer_for(key: str, make: Any) -> Any:
+        def factory(model: nn.Module) -> torch.optim.Optimizer:
+            models[key] = model
+            initial[key] = _evaluate(model, data, device, dtype)[1]
+            return make(model)
+
+        return factory
 
     batches = epoch_batches(data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed + 1)
     progress = tqdm(
         batches,
-        total=args.epochs * steps_per_epoch,
+        total=total_steps,
         desc="training both",
         unit="step",
         file=sys.stderr,
         disable=None,
         dynamic_ncols=True,
+        leave=False,
     )
     rel_diff_per_step: list[float] = []
+    epochs: list[EpochReport] = []
 
     def compare(step: int, torch_optimizer: torch.optim.Optimizer, fused_optimizer: torch.optim.Optimizer) -> None:
         diff = max(relative_error(b, a) for a, b in zip(_params(torch_optimizer), _params(fused_optimizer)))
         rel_diff_per_step.append(diff)
-        progress.set_postfix_str(
-            f"epoch {step // steps_per_epoch + 1}/{args.epochs}, param diff {diff:.1e}", refresh=False
-        )
+        epoch = step // steps_per_epoch + 1
+        progress.set_postfix_str(f"epoch {epoch}/{args.epochs}, param diff {diff:.1e}", refresh=False)
+        if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
+            (accuracy_t, loss_t), (accuracy_f, loss_f) = (
+                _evaluate(models[key], data, device, dtype) for key in ("torch", "fused")
+            )
+            epochs.append(EpochReport(epoch, (loss_t, loss_f), (accuracy_t, accuracy_f), diff))
+            _say(format_epoch(epochs[-1], args.epochs))
 
     with progress:
         result = train_side_by_side(
-            lambda model: torch.optim.SGD(model.parameters(), **hyperparameters, **torch_kwargs),
-            lambda model: FusedSGD(model.parameters(), **hyperparameters),
+            optimizer_for(
+                "torch", lambda model: torch.optim.SGD(model.parameters(), **hyperparameters, **torch_kwargs)
+            ),
+            optimizer_for("fused", lambda model: FusedSGD(model.parameters(), **hyperparameters)),
             model_kind=build,
             batches=progress,
             seed=args.seed,
@@ -234,33 +287,23 @@ def train(args: argparse.Namespace) -> TrainReport:
         )
 
     runs = []
-    for name, model, losses, seconds in (
-        (torch_name, result.model_a, result.losses_a, result.step_seconds_a),
-        ("FusedSGD", result.model_b, result.losses_b, result.step_seconds_b),
+    for key, name, model, losses, seconds in (
+        ("torch", torch_name, result.model_a, result.losses_a, result.step_seconds_a),
+        ("fused", "FusedSGD", result.model_b, result.losses_b, result.step_seconds_b),
     ):
         accuracy, train_loss = _evaluate(model, data, device, dtype)
-        runs.append(RunReport(name, accuracy, train_loss, losses, seconds))
-    parameters = list(result.model_a.parameters())
+        runs.append(RunReport(name, accuracy, train_loss, losses, seconds, initial_loss=initial[key]))
     return TrainReport(
-        config={
-            **{key: getattr(args, key) for key in ("width", "depth", "lr", "momentum", "weight_decay", "nesterov")},
-            **{key: getattr(args, key) for key in ("reference", "epochs", "batch_size", "seed", "dtype")},
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-        },
-        data={
-            "train": len(data.train_targets),
-            "test": len(data.test_targets),
-            "features": data.features,
-            "classes": NUM_CLASSES,
-        },
-        model={"tensors": len(parameters), "parameters": sum(p.numel() for p in parameters)},
+        config=config,
+        data=data_summary,
+        model=model_summary,
         steps_per_epoch=steps_per_epoch,
         torch=runs[0],
         fused=runs[1],
         max_abs_diff=_max_abs_diff(result.model_a, result.model_b),
         max_rel_diff=result.max_relative_error,
         rel_diff_per_step=rel_diff_per_step,
+        epochs=epochs,
     )
 
 
@@ -273,11 +316,16 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fused-optim train: interrupted", file=sys.stderr)
         return 130
-    print(format_summary(report))
+    print()
+    print(format_summary(report), flush=True)
     if args.json is not None:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot is not None:
         write_plot(report, args.plot)
         print(f"wrote {args.plot}")
+    if report.diverged:
+        names = " and ".join(run.name for run, _ in report.diverged)
+        print(f"fused-optim train: error: training diverged ({names}); see DIVERGED above", file=sys.stderr)
+        return DIVERGED_EXIT
     return 0

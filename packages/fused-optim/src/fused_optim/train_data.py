@@ -1,15 +1,18 @@
-"""The data of ``fused-optim train``: scikit-learn's handwritten digits, split and batched reproducibly.
+"""The data of ``fused-optim train``: the UCI handwritten digits, split and batched reproducibly.
 
-``load_digits`` reads a file shipped inside scikit-learn (1,797 8x8 images, 16
-grey levels, 10 classes, ~180 per class), so training needs no network. Pixels
-are scaled to [0, 1]; a seeded permutation holds out a fifth for testing; each
-epoch visits the training set in its own seeded order.
+``load_digits`` reads ``data/digits.csv.gz``, shipped inside this package (1,797 8x8
+images, 16 grey levels, 10 classes, ~180 per class; scikit-learn's copy of the UCI
+set, byte for byte, see ``data/README.md``), so training needs no network and no
+scikit-learn. Pixels are scaled to [0, 1]; a seeded permutation holds out a fifth
+for testing; each epoch visits the training set in its own seeded order.
 """
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 from torch import Tensor
@@ -19,6 +22,8 @@ __all__ = ["NUM_CLASSES", "Digits", "batches_per_epoch", "epoch_batches", "load_
 NUM_CLASSES = 10
 MAX_PIXEL = 16.0
 """load_digits counts 0..16 set pixels per 4x4 block of the original 32x32 bitmap."""
+DATA_FILE = "digits.csv.gz"
+"""In ``fused_optim/data``: one image a line, 64 pixel counts then the label, comma-separated."""
 
 
 @dataclass(frozen=True)
@@ -37,15 +42,20 @@ class Digits:
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
     """The digits, split by a permutation drawn from ``seed`` (the same split for every run with that seed)."""
-    from sklearn.datasets import load_digits as sklearn_load_digits
-
-    bunch = sklearn_load_digits()
-    inputs = torch.as_tensor(bunch.data, dtype=torch.float32) / MAX_PIXEL
-    targets = torch.as_tensor(bunch.target, dtype=torch.int64)
+    rows = read_digits()
+    table = torch.tensor(rows, dtype=torch.int64)
+    inputs = table[:, :-1].to(torch.float32) / MAX_PIXEL
+    targets = table[:, -1].contiguous()
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
     n_test = round(len(targets) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return Digits(inputs[train], targets[train], inputs[test], targets[test])
+
+
+def read_digits() -> list[list[int]]:
+    """The rows of the shipped digits file: 64 pixel counts (0..16) and the label (0..9) each."""
+    with resources.files("fused_optim").joinpath("data", DATA_FILE).open("rb") as raw, gzip.open(raw, "rt") as text:
+        return [[int(value) for value in line.split(",")] for line in text if line.strip()]
 
 
 def batches_per_epoch(data: Digits, batch_size: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import textwrap
 from collections.abc import Sequence
@@ -10,14 +11,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunReport", "TrainReport", "check_plotting", "format_summary", "write_json", "write_plot"]
+from .plotting import require_matplotlib
 
-DIVERGED = 1e-5
+__all__ = [
+    "EpochReport",
+    "RunReport",
+    "TrainReport",
+    "format_epoch",
+    "format_epoch_header",
+    "format_header",
+    "format_summary",
+    "write_json",
+    "write_plot",
+]
+
+ROUNDING = 1e-5
 """Relative parameter difference above which two fp32 runs no longer agree to rounding. In bf16 the two
 optimizers round differently by design (FusedSGD computes the update in fp32 and rounds once), so no
 threshold applies there."""
+REFERENCE_SHORT = "torch"
+"""The reference's name in the per-epoch table."""
 
-MAX_EPOCH_ROWS = 10
+
+@dataclass
+class EpochReport:
+    """Both models after one epoch: loss over the whole training set, test accuracy, parameter difference."""
+
+    epoch: int
+    train_loss: tuple[float, float]
+    test_accuracy: tuple[float, float]
+    rel_diff: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "train_loss": {"torch": self.train_loss[0], "fused": self.train_loss[1]},
+            "test_accuracy": {"torch": self.test_accuracy[0], "fused": self.test_accuracy[1]},
+            "max_rel_param_diff": self.rel_diff,
+        }
 
 
 @dataclass
@@ -29,6 +60,8 @@ class RunReport:
     train_loss: float
     losses: list[float]
     step_seconds: list[float]
+    initial_loss: float = math.nan
+    """Cross-entropy over the whole training set before the first step."""
 
     @property
     def step_median(self) -> float:
@@ -38,11 +71,25 @@ class RunReport:
     def step_mean(self) -> float:
         return statistics.fmean(self.step_seconds)
 
+    @property
+    def divergence(self) -> str | None:
+        """Why this run diverged (a loss that is not finite, or a final loss above the start), or None."""
+        bad = next((i for i, loss in enumerate(self.losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            return f"its loss became {self.losses[bad]} at step {bad + 1}"
+        if not math.isfinite(self.train_loss):
+            return f"its final training loss is {self.train_loss}"
+        if math.isfinite(self.initial_loss) and self.train_loss > self.initial_loss:
+            return f"its final training loss {self.train_loss:.4f} is above its start, {self.initial_loss:.4f}"
+        return None
+
     def as_json(self) -> dict[str, Any]:
         return {
             "optimizer": self.name,
             "test_accuracy": self.test_accuracy,
             "train_loss": self.train_loss,
+            "initial_train_loss": self.initial_loss,
+            "diverged": self.divergence,
             "step_seconds_median": self.step_median,
             "step_seconds_mean": self.step_mean,
             "step_seconds_first": self.step_seconds[0],
@@ -64,6 +111,7 @@ class TrainReport:
     max_abs_diff: float
     max_rel_diff: float
     rel_diff_per_step: list[float] = field(default_factory=list)
+    epochs: list[EpochReport] = field(default_factory=list)
 
     @property
     def speedup_median(self) -> float:
@@ -75,14 +123,24 @@ class TrainReport:
 
     @property
     def agreeing_steps(self) -> int | None:
-        """fp32: steps before the relative parameter difference first exceeded :data:`DIVERGED`."""
+        """fp32: steps before the relative parameter difference first exceeded :data:`ROUNDING`."""
         if self.config["dtype"] != "fp32":
             return None
         steps = enumerate(self.rel_diff_per_step)
-        return next((i for i, diff in steps if diff > DIVERGED), len(self.rel_diff_per_step))
+        return next((i for i, diff in steps if not diff <= ROUNDING), len(self.rel_diff_per_step))
+
+    @property
+    def bit_identical(self) -> bool:
+        """Every loss and every final parameter the same, bit for bit."""
+        return self.max_abs_diff == 0.0 and self.torch.losses == self.fused.losses
+
+    @property
+    def diverged(self) -> list[tuple[RunReport, str]]:
+        """The runs that diverged, with why."""
+        return [(run, why) for run in (self.torch, self.fused) if (why := run.divergence) is not None]
 
     def epoch_losses(self, run: RunReport) -> list[float]:
-        """Mean training loss of each epoch."""
+        """Mean minibatch loss of each epoch."""
         n = self.steps_per_epoch
         return [statistics.fmean(run.losses[i : i + n]) for i in range(0, len(run.losses), n)]
 
@@ -94,7 +152,9 @@ class TrainReport:
             "steps": len(self.torch.losses),
             "steps_per_epoch": self.steps_per_epoch,
             "runs": {"torch": self.torch.as_json(), "fused": self.fused.as_json()},
+            "epochs": [epoch.as_json() for epoch in self.epochs],
             "comparison": {
+                "bit_identical": self.bit_identical,
                 "max_abs_param_diff": self.max_abs_diff,
                 "max_rel_param_diff": self.max_rel_diff,
                 "steps_agreeing_to_rounding": self.agreeing_steps,
@@ -102,6 +162,7 @@ class TrainReport:
                 "step_speedup_median": self.speedup_median,
                 "step_speedup_mean": self.speedup_mean,
             },
+            "diverged": bool(self.diverged),
         }
 
 
@@ -119,78 +180,125 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _epoch_rows(report: TrainReport) -> list[list[str]]:
-    """The mean loss of at most :data:`MAX_EPOCH_ROWS` epochs, evenly spaced, first and last included."""
-    torch_losses, fused_losses = report.epoch_losses(report.torch), report.epoch_losses(report.fused)
-    epochs = len(torch_losses)
-    stride = -(-epochs // MAX_EPOCH_ROWS)
-    shown = sorted({*range(0, epochs, stride), epochs - 1})
-    return [[f"  epoch {i + 1}", f"{torch_losses[i]:.4f}", f"{fused_losses[i]:.4f}"] for i in shown]
+def format_header(
+    config: dict[str, Any], data: dict[str, int], model: dict[str, Any], steps_per_epoch: int, reference: str
+) -> str:
+    """What is trained, printed before training starts."""
+    c, d, m = config, data, model
+    threads = f"{c['threads']} CPU thread" + ("" if c["threads"] == 1 else "s")
+    steps = c["epochs"] * steps_per_epoch
+    return "\n".join(
+        [
+            f"data:      handwritten digits (UCI, as in scikit-learn): {d['train']} train / {d['test']} test images"
+            f" of {d['features']} pixels, {d['classes']} classes",
+            f"model:     MLP {d['features']} -> {c['depth']} x {c['width']} -> {d['classes']}, {m['tensors']} tensors,"
+            f" {m['parameters']:,} parameters, {c['dtype']} on {c['device']} ({threads})",
+            f"training:  lr={c['lr']} momentum={c['momentum']} weight_decay={c['weight_decay']}"
+            f" nesterov={c['nesterov']},",
+            f"           {c['epochs']} epochs x {steps_per_epoch} batches of <= {c['batch_size']} = {steps} steps,"
+            f" seed {c['seed']}",
+            f"compared:  FusedSGD against {reference} ({REFERENCE_SHORT!r} below),",
+            "           from the same initial weights, on the same minibatches",
+        ]
+    )
+
+
+_EPOCH_COLUMNS = ("{:>7}", "{:>9}", "{:>9}", "{:>9}", "{:>9}", "{:>11}")
+
+
+def format_epoch_header(epochs: int) -> str:
+    """The two header lines of the per-epoch table."""
+    first = "".ljust(7) + "  " + "train loss".center(20) + "  " + "test accuracy".center(20) + "  " + "parameter"
+    second = "  ".join(
+        fmt.format(cell)
+        for fmt, cell in zip(_EPOCH_COLUMNS, ("epoch", REFERENCE_SHORT, "FusedSGD", REFERENCE_SHORT, "FusedSGD"))
+    )
+    return f"{first.rstrip()}\n{second}  difference"
+
+
+def format_epoch(epoch: EpochReport, epochs: int) -> str:
+    """One line of the per-epoch table, printed as the epoch ends."""
+    cells = (
+        f"{epoch.epoch}/{epochs}",
+        f"{epoch.train_loss[0]:.4f}",
+        f"{epoch.train_loss[1]:.4f}",
+        f"{epoch.test_accuracy[0]:.2%}",
+        f"{epoch.test_accuracy[1]:.2%}",
+        f"{epoch.rel_diff:.1e}",
+    )
+    return "  ".join(fmt.format(cell) for fmt, cell in zip(_EPOCH_COLUMNS, cells))
+
+
+def _comparison(report: TrainReport) -> list[str]:
+    """The comparison that matters first; then the drift, if any, and its cause, in one line (never wrapped;
+    the difference is relative, max |fused - torch| / max |torch| of the worst tensor)."""
+    t, f, c = report.torch, report.fused, report.config
+    steps = len(t.losses)
+    if report.bit_identical:
+        return [
+            f"result:    FusedSGD is bit for bit {t.name}: the same loss at each of the {steps} steps and the same"
+            " parameters at the end (difference 0.00e+00)"
+        ]
+    lines = [
+        f"result:    test accuracy {f.test_accuracy:.2%} with FusedSGD, {t.test_accuracy:.2%} with {t.name};"
+        f" final training loss {f.train_loss:.4f} and {t.train_loss:.4f}"
+    ]
+    drift = f"drift:     parameters {report.max_rel_diff:.1e} apart after {steps} steps"
+    agreeing = report.agreeing_steps
+    if agreeing is None:
+        cause = f": FusedSGD rounds a {c['dtype']} update once, torch after every operation"
+    else:
+        cause = f" ({agreeing} within float32 rounding): {t.name} rounds differently, training amplifies it"
+    return [*lines, drift + cause]
+
+
+WIDTH = 100
+INDENT = " " * len("result:    ")
+
+
+def _wrap(line: str, wrap: bool = True) -> list[str]:
+    """A labelled line (``label:    text``) wrapped to :data:`WIDTH`, continued under its text."""
+    if not wrap:
+        return [line]
+    return textwrap.wrap(line, width=WIDTH, subsequent_indent=INDENT, break_on_hyphens=False)
 
 
 def format_summary(report: TrainReport) -> str:
-    """The table printed at the end of ``fused-optim train``."""
-    c, d, m = report.config, report.data, report.model
+    """The results printed at the end of ``fused-optim train``: the comparison first, then the table."""
     t, f = report.torch, report.fused
-    steps = len(t.losses)
-    threads = f"{c['threads']} CPU thread" + ("" if c["threads"] == 1 else "s")
-    header = [
-        f"data:      scikit-learn digits, {d['train']} train / {d['test']} test images ({d['features']} pixels),"
-        f" {d['classes']} classes",
-        f"model:     MLP {d['features']} -> {c['depth']} x {c['width']} -> {d['classes']}, {m['tensors']} tensors,"
-        f" {m['parameters']:,} parameters, {c['dtype']} on {c['device']} ({threads})",
-        f"training:  lr={c['lr']} momentum={c['momentum']} weight_decay={c['weight_decay']} nesterov={c['nesterov']},",
-        f"           {c['epochs']} epochs x {report.steps_per_epoch} batches of <= {c['batch_size']}"
-        f" = {steps} steps, seed {c['seed']}",
-    ]
     table = _table(
         [
             ["", t.name, f.name],
             ["test accuracy", f"{t.test_accuracy:.2%}", f"{f.test_accuracy:.2%}"],
-            ["train loss (end)", f"{t.train_loss:.4f}", f"{f.train_loss:.4f}"],
+            [
+                "train loss (start -> end)",
+                f"{t.initial_loss:.4f} -> {t.train_loss:.4f}",
+                f"{f.initial_loss:.4f} -> {f.train_loss:.4f}",
+            ],
             ["optimizer.step() median", _ms(t.step_median), _ms(f.step_median)],
             ["optimizer.step() mean", _ms(t.step_mean), _ms(f.step_mean)],
             ["  first step (in the mean)", _ms(t.step_seconds[0]), _ms(f.step_seconds[0])],
-            [],
-            ["mean training loss", "", ""],
-            *_epoch_rows(report),
         ]
     )
-    comparison = [
-        f"step speed-up of {f.name}: {report.speedup_median:.2f}x (median), {report.speedup_mean:.2f}x (mean)",
-        f"largest parameter difference after {steps} steps: {report.max_abs_diff:.2e} absolute,"
-        f" {report.max_rel_diff:.2e} relative",
-        "  (relative: max |fused - torch| / max |torch| of the worst tensor)",
+    speed = f"speed:     FusedSGD's optimizer.step() is {report.speedup_median:.2f}x faster than {t.name}'s (median;"
+    speed += f" {report.speedup_mean:.2f}x in the mean)"
+    lines = [
+        *(wrapped for line in (*_comparison(report), speed) for wrapped in _wrap(line, "drift:" not in line)),
+        "",
+        *table,
     ]
-    agreeing = report.agreeing_steps
-    note = ""
-    if agreeing is None:
-        note = (
-            f"in {c['dtype']}, FusedSGD computes each update in fp32 and rounds once, while torch.optim.SGD rounds"
-            f" every operation to {c['dtype']}: the runs differ from the first step on"
-        )
-    elif report.max_abs_diff == 0.0:
-        note = f"bit for bit the same as {t.name}: FusedSGD performs its operations, in its order"
-    elif agreeing < steps:
-        note = (
-            f"the runs agreed to float32 rounding (relative difference <= {DIVERGED:.0e}) for {agreeing} steps;"
-            " FusedSGD performs torch.optim.SGD(foreach=False)'s operations in its order (bit for bit on the"
-            " CPU in fp32), other kernels round differently, and training amplifies rounding differences"
-        )
-    comparison += textwrap.wrap(note, width=100, initial_indent="  ", subsequent_indent="  ")
-    return "\n".join([*header, "", *table, "", *comparison])
+    if report.diverged:
+        names = " and ".join(run.name for run, _ in report.diverged)
+        whys = "; ".join(f"{run.name}: {why}" for run, why in report.diverged)
+        lines += [
+            "",
+            *_wrap(f"DIVERGED:  {names} did not train ({whys}); lower --lr (now {report.config['lr']}) or --momentum"),
+        ]
+    return "\n".join(lines)
 
 
 def write_json(report: TrainReport, path: Path) -> None:
     path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
-
-
-def check_plotting() -> None:
-    """Raise ``ImportError`` with the fix if matplotlib is missing (checked before training, not after)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ImportError("--plot needs matplotlib, which is not installed: pip install 'fused-optim[plot]'") from None
 
 
 def _quartiles_ms(run: RunReport) -> tuple[float, float]:
@@ -204,7 +312,7 @@ def _quartiles_ms(run: RunReport) -> tuple[float, float]:
 def write_plot(report: TrainReport, path: Path) -> None:
     """Loss curves (overlaid), the parameter difference per step, and step-time bars, in one PNG (or any format
     matplotlib knows from the suffix)."""
-    check_plotting()
+    require_matplotlib()
     from matplotlib.figure import Figure
 
     t, f = report.torch, report.fused
@@ -216,7 +324,7 @@ def write_plot(report: TrainReport, path: Path) -> None:
     for run, color, style in ((t, "tab:blue", "-"), (f, "tab:orange", "--")):
         losses.plot(steps, run.losses, color=color, linewidth=0.6, alpha=0.3)
         losses.plot(epoch_ends, report.epoch_losses(run), color=color, linestyle=style, marker=".", label=run.name)
-    every_loss = [*t.losses, *f.losses]
+    every_loss = [loss for loss in (*t.losses, *f.losses) if math.isfinite(loss)] or [1.0]
     wide = min(every_loss) > 0 and max(every_loss) / min(every_loss) > 10
     losses.set(
         title="training loss (per step; per epoch mean)",
@@ -226,11 +334,21 @@ def write_plot(report: TrainReport, path: Path) -> None:
     )
     losses.legend()
 
-    diffs.plot(steps, [max(d, 1e-12) for d in report.rel_diff_per_step], color="tab:red")
-    if report.agreeing_steps is not None:
-        diffs.axhline(DIVERGED, color="grey", linestyle=":", label=f"{DIVERGED:.0e}")
-        diffs.legend()
-    diffs.set(title="largest relative parameter difference", xlabel="step", ylabel="0 drawn at 1e-12", yscale="log")
+    diffs.set(title="largest relative parameter difference", xlabel="step")
+    diffs.set_ylabel("max |fused - torch| / max |torch|, worst tensor")
+    nonzero = [d if d > 0 else math.nan for d in report.rel_diff_per_step]
+    if all(math.isnan(d) for d in nonzero):
+        diffs.plot(steps, report.rel_diff_per_step, color="tab:red")
+        diffs.set_ylim(-1, 1)
+        diffs.text(0.5, 0.6, "0 at every step:\nbit for bit the same", transform=diffs.transAxes, ha="center")
+    else:
+        diffs.plot(steps, nonzero, color="tab:red")
+        diffs.set_yscale("log")
+        if any(d == 0 for d in report.rel_diff_per_step):
+            diffs.text(0.02, 0.97, "gaps: steps with no difference at all", transform=diffs.transAxes, va="top")
+        if report.agreeing_steps is not None:
+            diffs.axhline(ROUNDING, color="grey", linestyle=":", label=f"{ROUNDING:.0e}: float32 rounding")
+            diffs.legend(loc="lower right")
 
     medians = [t.step_median * 1e3, f.step_median * 1e3]
     quartiles = [_quartiles_ms(run) for run in (t, f)]
