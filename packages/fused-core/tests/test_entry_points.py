@@ -139,3 +139,39 @@ def test_autoload_can_be_disabled_and_plugins_registered_explicitly(plugin_path:
     assert "fake_descent" in result["after"]
     assert result["step_error"] <= 1e-6
     assert result["control"], "the torch_npu stand-in was not importable, so the check above proves nothing"
+
+
+THREADS = """
+import threading
+barrier = threading.Barrier(8)
+errors, names = [], []
+
+def build(index):
+    barrier.wait()
+    try:
+        if index % 2:
+            names.append(fused_core.register_plugin("fake_fused_plugin"))
+        else:
+            names.append(step_error() <= 1e-6 and "stepped")
+    except Exception as error:
+        errors.append(f"{type(error).__name__}: {error}")
+
+threads = [threading.Thread(target=build, args=(index,)) for index in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({"errors": errors, "names": sorted(set(names)),
+                  "plugins": sorted(name for name, _ in fused_core.registry.manager.list_name_plugin())}))
+"""
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_threads_building_the_first_optimizer_at_once(plugin_path: str, attempt: int) -> None:
+    """Eight threads of a fresh process register the plugin or build its optimizer at once: the
+    plugin is registered once, under its entry-point name, and every thread succeeds (the report:
+    'Plugin already registered under a different name' in 13 of 20 processes)."""
+    result = _run(THREADS, plugin_path, disable=False)
+    assert result["errors"] == []
+    assert result["names"] == ["fake", "stepped"]
+    assert result["plugins"].count("fake") == 1 and "fake_fused_plugin" not in result["plugins"]

@@ -4,12 +4,17 @@ Plugins are discovered from the entry-point group ``fused_optim`` the first time
 the registry is consulted, unless ``FUSED_OPTIM_DISABLE_PLUGIN_AUTOLOAD`` is set
 to a non-empty value (as with pytest's variable); :func:`register_plugin` then
 adds plugins explicitly.
+
+The registry is shared by the threads of a process: registering and autoloading hold one
+re-entrant lock, so two threads building the first optimizer of a process at once register
+each plugin once (the second waits for the first's registrations to be complete).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +41,8 @@ class PluginRegistry:
         self._optimizers: dict[str, tuple[type[FusedOptimizer], str]] = {}
         self._collected: set[str] = set()
         self._autoloaded = False
+        self._autoloading = False
+        self._lock = threading.RLock()
 
     def optimizers(self) -> dict[str, type[FusedOptimizer]]:
         self._autoload()
@@ -43,25 +50,32 @@ class PluginRegistry:
 
     def register_plugin(self, plugin: object, name: str | None = None) -> str:
         """Register ``plugin`` (a module or object with hookimpls) and collect its registrations."""
-        self._autoload()  # so a plugin that is also an entry point keeps its entry-point name
         if isinstance(plugin, str):
             plugin = importlib.import_module(plugin)
-        known_as = self.manager.get_name(plugin)
-        if known_as is not None:
-            return known_as
-        registered = self.manager.register(plugin, name)
-        if registered is None:
-            raise PluginError(f"plugin '{name}' is blocked")
-        self._collect()
-        return registered
+        with self._lock:
+            self._autoload()  # so a plugin that is also an entry point keeps its entry-point name
+            known_as = self.manager.get_name(plugin)
+            if known_as is not None:
+                return known_as
+            registered = self.manager.register(plugin, name)
+            if registered is None:
+                raise PluginError(f"plugin '{name}' is blocked")
+            self._collect()
+            return registered
 
     def _autoload(self) -> None:
-        if self._autoloaded:
+        if self._autoloaded:  # set once the entry points' registrations are complete
             return
-        self._autoloaded = True
-        if not os.environ.get(DISABLE_AUTOLOAD_ENV):
-            self.manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-            self._collect()
+        with self._lock:  # other threads wait here until they are
+            if self._autoloading:  # re-entered by a plugin registering itself as it is imported
+                return
+            self._autoloading = True
+            try:
+                if not os.environ.get(DISABLE_AUTOLOAD_ENV):
+                    self.manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+                    self._collect()
+            finally:
+                self._autoloaded = True
 
     def _collect(self) -> None:
         """Collect the registrations of every plugin not collected yet, one plugin at a time.
