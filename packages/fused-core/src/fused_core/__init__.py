@@ -9,6 +9,7 @@ hooks (:mod:`~fused_core.hookspecs`, :mod:`~fused_core.plugins`) and
 
 from .errors import (
     FusedOptimError,
+    HyperparameterOverflowError,
     InvalidHyperparameterError,
     InvalidParameterError,
     ParameterReallocatedError,
@@ -22,6 +23,7 @@ from .plugins import available_optimizers, create_optimizer, register_plugin, re
 __all__ = [
     "FusedOptimError",
     "FusedOptimizer",
+    "HyperparameterOverflowError",
     "InvalidHyperparameterError",
     "InvalidParameterError",
     "ParameterReallocatedError",

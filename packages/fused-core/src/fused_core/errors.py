@@ -16,6 +16,12 @@ class InvalidHyperparameterError(FusedOptimError, ValueError, TypeError):
     """
 
 
+class HyperparameterOverflowError(InvalidHyperparameterError, RuntimeError):
+    """A hyperparameter is finite but too large for the parameters' dtype: torch's step raises
+    ``RuntimeError`` ("value cannot be converted to type ... without overflow"), and so do we,
+    before anything is updated."""
+
+
 class InvalidParameterError(FusedOptimError, ValueError):
     """A parameter (or its gradient) cannot be managed by a fused optimizer."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ def kernels_agree_with_torch(library: NativeLibrary) -> bool:
     threads, factor, half = torch.get_num_threads(), 0.3, PROBE_NUMEL // 2
     for dtype, suffix in _SUFFIXES.items():
 
-        def kernel(name: str, suffix: str = suffix) -> ctypes._CFuncPtr:
+        def kernel(name: str, suffix: str = suffix) -> Any:
             return getattr(library.cdll, f"grad_{name}_{suffix}")
 
         flat = (torch.randn(PROBE_NUMEL, generator=generator, dtype=torch.float64) * 3).to(dtype)

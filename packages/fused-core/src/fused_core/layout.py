@@ -159,6 +159,10 @@ class Layout:
         self.ranges: list[GroupRange] = []
         for bucket in self.buckets:
             self.ranges += self._group_ranges(bucket)
+        self.group_dtypes: dict[int, set[torch.dtype]] = {}
+        """The dtypes of each param group's parameters (groups without parameters are absent)."""
+        for span in self.ranges:
+            self.group_dtypes.setdefault(span.group, set()).add(span.bucket.plan.dtype)
         self._initialized = {bucket: torch.zeros(len(bucket.plan.slots), dtype=torch.uint8) for bucket in self.buckets}
         self._rebuild = False
         self._watched: list[tuple[int, int]] = []

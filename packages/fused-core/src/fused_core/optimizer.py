@@ -12,8 +12,10 @@ with its public signature::
 
 Everything else (bucketing, flat buffers, re-allocation detection, kernel
 dispatch) lives here and in the modules it uses. On the first ``step()`` the
-parameters move into flat buffers; after that a step is the staleness check
-plus one launcher call per (bucket, param group), with no per-parameter work.
+parameters move into flat buffers; after that a step is the staleness check,
+the ``param_groups`` check (:mod:`~fused_core.groups`: O(groups), hyperparameters a
+scheduler assigned validated again) and one launcher call per (bucket, param group),
+with no per-parameter work.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from torch.optim.optimizer import required
 from . import grad_norm
 from .backends import get_backend
 from .distributed import check_not_dtensor
-from .errors import InvalidParameterError
+from .errors import HyperparameterOverflowError, InvalidHyperparameterError, InvalidParameterError
+from .groups import GroupsSnapshot, overflowing, watch_params
 from .hyperparams import validate_group
 from .layout import Layout
 from .plugins import registry
@@ -68,6 +71,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             registry.register_plugin(self.plugin)
         self._layout: Layout | None = None
         self._reconcile_needed = False
+        self._groups: GroupsSnapshot | None = None
+        self._scalars_checked_for: Layout | None = None
         validate_group(
             self.hyperparameters,
             {key: value for key, value in defaults.items() if value is not required},
@@ -83,12 +88,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._layout = None
             self.register_state_dict_post_hook(compact_state, prepend=True)
         self._reconcile_needed = True
+        if "_groups" not in self.__dict__:  # unpickled: checked in full at the next step
+            self._groups = None
+            self._scalars_checked_for = None
+        for group in self.param_groups:
+            if isinstance(group, dict) and isinstance(group.get("params"), list):
+                watch_params(group)
 
     # ----- what plugins may override -------------------------------------
     def initializes_state(self, group: dict[str, Any]) -> bool:
         """Whether a first step with these hyperparameters initialises the state buffers
         (SGD: only when momentum != 0, as torch.optim.SGD)."""
         return True
+
+    def converted_scalars(self, group: dict[str, Any]) -> dict[str, float]:
+        """The hyperparameter values (by the name error messages give them) that the torch
+        optimizer's step converts to the parameters' dtype, and so refuses when they overflow it
+        (``add_(x, alpha=value)``). Checked before any update when a group's hyperparameters
+        change; none by default."""
+        return {}
 
     # ----- param groups ---------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -101,6 +119,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         merged.update({key: value for key, value in param_group.items() if key != "params"})
         validate_group(self.hyperparameters, merged, where=where)
         super().add_param_group(param_group)
+        watch_params(self.param_groups[-1])
         try:
             seen: dict[int, int] = {}
             for position, param in enumerate(self.param_groups[-1]["params"]):
@@ -138,11 +157,85 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._current_layout().launch(self.param_groups, self.state):
+        edited = self._edited_hyperparameters()
+        if not self._checked_layout(edited).launch(self.param_groups, self.state):
             self._reconcile_needed = True  # a parameter moved: re-adopt it, then step
-            if not self._current_layout().launch(self.param_groups, self.state):
+            if not self._checked_layout(edited).launch(self.param_groups, self.state):
                 raise RuntimeError("fused_core: a parameter moved again while its layout was rebuilt")
         return loss
+
+    def _edited_hyperparameters(self) -> list[int]:
+        """Check ``param_groups`` as it is now, before anything moves: a changed structure
+        (:meth:`_check_structure`), then the hyperparameters of every group assigned since the
+        last step, in full (a scheduler's new ``lr``, a string written by mistake). Returns
+        those groups' indices; they are recorded as checked once the step's scalars pass too."""
+        snapshot = self._check_structure()
+        edited = snapshot.changed_hyperparameters(self.param_groups)
+        name = type(self).__name__
+        for index in edited:
+            group = self.param_groups[index]
+            missing = [key for key in self.defaults if key not in group]
+            if missing:
+                raise InvalidHyperparameterError(
+                    f"{name} param group {index} has no {', '.join(map(repr, missing))}; add groups with "
+                    "optimizer.add_param_group(), which fills in the defaults"
+                )
+            validate_group(self.hyperparameters, group, where=f"{name} param group {index}")
+        return edited
+
+    def _checked_layout(self, edited: list[int]) -> Layout:
+        """The current layout, once the edited groups' scalars (every group's, for a new layout:
+        the dtypes may have changed) fit their parameters' dtypes."""
+        layout = self._current_layout()
+        groups = range(len(self.param_groups)) if layout is not self._scalars_checked_for else edited
+        name = type(self).__name__
+        for index in groups:
+            group = self.param_groups[index]
+            for dtype in layout.group_dtypes.get(index, ()):
+                for label, value in self.converted_scalars(group).items():
+                    if overflowing(value, dtype):
+                        raise HyperparameterOverflowError(
+                            f"{name} param group {index}: {label}={value!r} cannot be converted to {dtype} "
+                            f"(largest {torch.finfo(dtype).max:.6g}) without overflow; torch.optim's step raises "
+                            "the same. Nothing was updated"
+                        )
+        assert self._groups is not None
+        self._groups.accept(self.param_groups, groups)
+        self._scalars_checked_for = layout
+        return layout
+
+    def _check_structure(self) -> GroupsSnapshot:
+        """O(groups): when a group's parameters, or the groups themselves, were edited in place
+        (appended, removed, replaced, moved, reordered, a raw dict appended), check every group
+        as ``add_param_group`` does and rebuild the layout at the next use; the state of every
+        parameter follows it by identity, as in torch."""
+        snapshot = self._groups
+        if snapshot is not None and snapshot.same_structure(self.param_groups):
+            return snapshot
+        name = type(self).__name__
+        seen: dict[int, str] = {}
+        for index, group in enumerate(self.param_groups):
+            where = f"{name} param group {index}"
+            if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
+                raise InvalidParameterError(
+                    f"{where} is not a dict with a list of tensors under 'params'; add groups with "
+                    "optimizer.add_param_group(), which also fills in the default hyperparameters"
+                )
+            for position, param in enumerate(group["params"]):
+                here = f"{where}, parameter {position}"
+                if not isinstance(param, torch.Tensor):
+                    raise InvalidParameterError(f"{here}: is a {type(param).__name__}, not a tensor")
+                self._check_param(param, here)
+                if id(param) in seen:
+                    raise InvalidParameterError(
+                        f"{here}: the same tensor as {seen[id(param)]}; torch.optim would step it twice. "
+                        "Remove one of the two from param_groups"
+                    )
+                seen[id(param)] = here
+        if self._layout is not None:
+            self._drop_layout()
+        self._groups = GroupsSnapshot(self.param_groups)
+        return self._groups
 
     def _drop_layout(self) -> None:
         """Rebuild the layout at the next step (``param_groups`` changed), with the state of every
@@ -153,6 +246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._layout.force_rebuild()
 
     def _current_layout(self) -> Layout:
+        self._check_structure()
         layout = self._layout
         if layout is not None and not self._reconcile_needed and layout.is_current():
             return layout
@@ -256,7 +350,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._patch_step_function()
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             layout = self._layout
-            if layout is None or self._reconcile_needed or not layout.is_current():
+            edited = self._groups is None or not self._groups.same_structure(self.param_groups)
+            if layout is None or edited or self._reconcile_needed or not layout.is_current():
                 self._zero_grad_as_torch(set_to_none)
             elif set_to_none:
                 layout.clear_grads()

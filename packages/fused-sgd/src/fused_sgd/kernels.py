@@ -173,10 +173,10 @@ def c_flat_launcher(library: NativeLibrary) -> Launcher:
         params: torch.Tensor,
         grads: torch.Tensor,
         state: Mapping[str, torch.Tensor],
-        hp: Mapping[str, Any],
+        hyperparams: Mapping[str, Any],
         first_step: bool,
     ) -> None:
-        _c_call(library, params, state, GradSegments.whole(grads, initialized=not first_step), hp)
+        _c_call(library, params, state, GradSegments.whole(grads, initialized=not first_step), hyperparams)
 
     return launcher
 

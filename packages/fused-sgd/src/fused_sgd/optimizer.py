@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.optim.optimizer import required
 
 from fused_core import FusedOptimizer
@@ -90,6 +91,21 @@ class FusedSGD(FusedOptimizer):
     def initializes_state(self, group: dict[str, Any]) -> bool:
         """As torch.optim.SGD: momentum buffers exist only once a step ran with momentum != 0."""
         return group["momentum"] != 0
+
+    def converted_scalars(self, group: dict[str, Any]) -> dict[str, float]:
+        """What torch.optim.SGD's step passes as ``alpha`` and so converts to the parameters' dtype:
+        ``lr`` (a number), ``weight_decay`` when used, ``1 - dampening`` with momentum and
+        ``momentum`` with Nesterov (``momentum`` itself multiplies and is never converted)."""
+        scalars = {}
+        if not isinstance(group["lr"], torch.Tensor):
+            scalars["lr"] = group["lr"]
+        if group["weight_decay"] != 0:
+            scalars["weight_decay"] = group["weight_decay"]
+        if group["momentum"] != 0:
+            scalars["1 - dampening"] = 1 - group["dampening"]
+        if group["nesterov"]:
+            scalars["momentum"] = group["momentum"]
+        return scalars
 
 
 class NpuFusedSGD(FusedSGD):
