@@ -42,6 +42,13 @@ HALF_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], 
 needs_compiler = pytest.mark.skipif(c_compiler() is None, reason="no C compiler ($CC, else cc) on PATH")
 
 
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """native warns once per message per process (its ``_warned`` set): each test starts with none said,
+    so a test's ``pytest.warns`` does not depend on which tests ran before it."""
+    monkeypatch.setattr(native, "_warned", set())
+
+
 def copy_source(tmp_path: Path, name: str, text: str | None = None) -> Path:
     """convert.c (or ``text``) under a fresh name: native._load caches per source path, so each copy builds anew."""
     source = tmp_path / f"{name}.c"
@@ -322,13 +329,16 @@ def test_load_library_disabled_by_env(tmp_path, monkeypatch) -> None:
 
 @needs_compiler
 def test_load_library_broken_source_gives_none_and_the_compiler_error(tmp_path, monkeypatch) -> None:
-    """A source that compiles with no flag set makes load_library return None, and unavailable_reason
-    holds the compiler's error lines; the cache directory is left without files."""
+    """A source that compiles with no flag set makes load_library return None with one warning (a
+    compiler is there, so the toolchain or the source is broken), and unavailable_reason holds the
+    compiler's error lines; the cache directory is left without files."""
     cache = tmp_path / "cache"
     monkeypatch.setenv(native.CACHE_ENV, str(cache))
     monkeypatch.delenv(native.DISABLE_ENV, raising=False)
     source = copy_source(tmp_path, "broken_load", BROKEN_C)
-    assert native.load_library(source, {"broken": (ctypes.c_int, [ctypes.c_int])}) is None
+    with pytest.warns(native.NativeKernelWarning, match="broken_load.c are not used, torch ops serve instead") as said:
+        assert native.load_library(source, {"broken": (ctypes.c_int, [ctypes.c_int])}) is None
+    assert len(said) == 1
     reason = native.unavailable_reason(source)
     assert reason is not None
     for line in compiler_errors(source):
@@ -359,13 +369,15 @@ def test_load_library_builds_in_the_cache_dir_env(tmp_path, monkeypatch) -> None
 @needs_compiler
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="per-user temp dirs are a POSIX notion")
 def test_build_falls_back_to_a_private_temp_dir(tmp_path, monkeypatch) -> None:
-    """A cache dir that cannot be created (under a file): the library goes to a per-user temp dir
-    closed to others (0700); one that others could write to is refused, not loaded from."""
+    """A cache dir that cannot be created (under a file): a warning naming it, and the library goes to a
+    per-user temp dir closed to others (0700); one that others could write to is refused, not loaded from."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    path = native.build(CONVERT_C, ("-O1",), blocker / "cache")
+    with pytest.warns(native.NativeKernelWarning, match="cannot be created") as said:
+        path = native.build(CONVERT_C, ("-O1",), blocker / "cache")
+    assert str(blocker / "cache") in str(said[0].message) and native.CACHE_ENV in str(said[0].message)
     assert path.parent == tmp_path / "tmp" / f"fused-optim-{os.getuid()}" and path.is_file()
     assert path.parent.stat().st_mode & 0o777 == 0o700
 

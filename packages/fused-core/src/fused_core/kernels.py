@@ -33,10 +33,16 @@ within one level the most recent registration wins):
 Predicates let a plugin verify a candidate (a native fused op, say) on the
 torch version and device at hand before routing a dtype to it. They are
 called at most once per (kernel, device, dtype).
+
+Where a launcher serves (kernel, device, dtype) because one preferred to it declined (its
+dtype predicate or set said no), resolution logs it once at DEBUG under ``fused_core.kernels``,
+naming both; :meth:`KernelRegistry.explain` says why for every registered launcher. Resolution
+happens once per (kernel, device, dtype) while building a layout, never per step.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,6 +51,8 @@ import torch
 
 from .backends import KNOWN_DEVICE_TYPES
 from .errors import PluginError
+
+logger = logging.getLogger(__name__)
 
 ANY_DEVICE = "*"
 
@@ -211,6 +219,7 @@ class KernelRegistry:
         self._entries: list[KernelEntry] = []
         self._resolved: dict[tuple[str, torch.device, torch.dtype], KernelEntry] = {}
         self._verdicts: dict[tuple[int, torch.device, torch.dtype], bool | None] = {}
+        self._logged: set[tuple[str, torch.device, torch.dtype, int]] = set()
 
     @staticmethod
     def check(kernel: str, device_type: str, launcher: Any, *, plugin: str) -> None:
@@ -298,16 +307,46 @@ class KernelRegistry:
             self._verdicts[key] = entry.accepts(device, dtype)
         return self._verdicts[key]
 
+    def _log_fallback(
+        self, kernel: str, device: torch.device, dtype: torch.dtype, chosen: KernelEntry, declined: list[KernelEntry]
+    ) -> None:
+        """Log at DEBUG, once per (kernel, device, dtype) and launcher, that ``chosen`` serves because
+        ``declined`` (preferred to it) said no."""
+        key = (kernel, device, dtype, id(chosen))
+        if not declined or key in self._logged or not logger.isEnabledFor(logging.DEBUG):
+            return
+        self._logged.add(key)
+        logger.debug(
+            "kernel %r on %s with %s: %s (plugin %s) serves, as %s declined; KernelRegistry.explain() says more",
+            kernel,
+            device,
+            str(dtype).removeprefix("torch."),
+            _qualified(chosen.launcher),
+            chosen.plugin,
+            ", ".join(
+                f"{_qualified(entry.launcher)} (dtype {'predicate' if callable(entry.dtypes) else 'set'} "
+                f"{_describe_filter(entry.dtypes)})"
+                for entry in declined
+            ),
+        )
+
     def _find(self, kernel: str, device: torch.device, dtype: torch.dtype) -> KernelEntry:
         candidates = [entry for entry in reversed(self._entries) if entry.kernel == kernel]
+        declined: list[KernelEntry] = []  # preferred to the one found, had they accepted
         for device_type in (device.type, ANY_DEVICE):
             verdicts = [
                 (entry, self._accepts(entry, device, dtype)) for entry in candidates if entry.device_type == device_type
             ]
             for wanted in (True, None):
-                for entry, verdict in verdicts:
+                for index, (entry, verdict) in enumerate(verdicts):
                     if verdict is wanted:
+                        # Within the level, a declining launcher would have won if newer (than one
+                        # accepting the dtype) or at all (than one for any dtype).
+                        rivals = verdicts[:index] if wanted else verdicts
+                        declined += [other for other, said in rivals if said is False]
+                        self._log_fallback(kernel, device, dtype, entry, declined)
                         return entry
+            declined += [entry for entry, verdict in verdicts if verdict is False]
         registered = sorted({(entry.device_type, entry.plugin) for entry in candidates})
         raise LookupError(
             f"no launcher for kernel '{kernel}' on {device} with {dtype}; registered: {registered or 'none'}"

@@ -28,6 +28,20 @@ Nothing here is required: where no compiler works, the library does not load, or
 torch ops (its dtype predicate says no). The C headers in :data:`INCLUDE_DIR`
 (``fused_half.h``: fp16/bf16 <-> fp32 conversions) are on every compilation's include path.
 ctypes releases the GIL for the duration of each call.
+
+What happens is logged through the standard ``logging`` module, to the logger
+``fused_core.native``; silent by default (logging's last-resort handler shows warnings and
+errors only, and this module logs nothing above INFO):
+
+* INFO, once per compilation: the source, the compiler command and flags, the wall time of the
+  compile and the cached library it went to;
+* INFO, once per source and flag sets in a process: why C kernels are not used (no compiler,
+  ``FUSED_OPTIM_DISABLE_NATIVE``, no build that loads and passes its self-check), or that they
+  were built with a later flag set because earlier ones failed;
+* DEBUG: a library loaded from the cache, and each flag set's failure.
+
+Problems that need a person (a rejected build, a broken toolchain, an unsafe cache directory)
+are :class:`NativeKernelWarning` s as well.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -42,12 +57,15 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "FUSED_OPTIM_DISABLE_NATIVE"
 """Set (to anything non-empty), no C kernel is built or loaded: torch ops do their work."""
@@ -211,22 +229,39 @@ def build(source: Path, flags: Sequence[str], directory: Path | None = None, ext
     directory = _usable_dir(cache_dir() if directory is None else directory)
     target = _library_path(source, flags, directory, extra)
     if _is_sealed(target):
+        logger.debug("%s: cached build with %s at %s", source, " ".join(flags), target)
         return target
     private = target.with_name(f"{target.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     command = [*_compiler(source), *flags, "-shared", "-fPIC", f"-I{INCLUDE_DIR}", "-o", str(private), str(source)]
     command += extra
     try:
+        started = time.perf_counter()
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
         except (OSError, subprocess.SubprocessError) as error:
             raise RuntimeError(f"{shlex.join(command)}: {error}") from error
+        seconds = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(f"{shlex.join(command)} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
         _seal(private)
         os.replace(private, target)
     finally:
         private.unlink(missing_ok=True)
+    logger.info(
+        "compiled %s with %s in %.2f s into %s", source, shlex.join([*_compiler(source), *flags]), seconds, target
+    )
     return target
+
+
+def _no_compiler(source: Path) -> str | None:
+    """Why no compiler can build ``source`` ('cc' is not on PATH, say), or None where it is there."""
+    words = _compiler(source)
+    if words and shutil.which(words[0]) is not None:
+        return None
+    variable = "CXX" if source.suffix == ".cpp" else "CC"
+    if os.environ.get(variable):
+        return f"no compiler: ${variable} ({words[0] if words else ''!r}) is neither an executable file nor on PATH"
+    return f"no compiler: {words[0]!r} is not on PATH (${variable} chooses another)"
 
 
 def _open(path: Path, flags: tuple[str, ...], python_api: bool, signatures: tuple) -> NativeLibrary:
@@ -256,29 +291,44 @@ def _load(
     signatures: tuple,
     check: SelfCheck | None,
 ) -> NativeLibrary | None:
-    failures, rejected = [], False
+    failures, failed_flags, rejected = [], [], False
     for flags in flag_sets:
         try:
             path = build(Path(source), flags, extra=extra)
         except (RuntimeError, OSError) as error:
             failures.append(f"[{' '.join(flags)}] {error}")
+            failed_flags.append(" ".join(flags))
+            logger.debug("%s does not build with %s: %s", source, " ".join(flags), error)
             continue
         try:
             library = _open(path, flags, python_api, signatures)
             if check is not None and not check(library):
                 raise RuntimeError(f"{path} failed its self-check (its kernels disagree with torch ops)")
-            return library
         except (RuntimeError, OSError, ValueError, TypeError) as error:
             # Never leave a library that failed here in the cache for the next process to trust.
             path.unlink(missing_ok=True)
             failures.append(f"[{' '.join(flags)}] {error}")
+            failed_flags.append(" ".join(flags))
             rejected = True
             _warn_once(f"fused-optim rejected its C kernels {path.name} built with {' '.join(flags)}: {error}")
+            continue
+        if failed_flags:
+            logger.info(
+                "fused-optim's C kernels %s fall back to flags %s, as %s failed (DEBUG lines say why)",
+                Path(source).name,
+                " ".join(flags),
+                ", ".join(f"[{failed}]" for failed in failed_flags),
+            )
+        return library
     reason = "; ".join(failures) or "no flags to build with"
     _reasons[(source, flag_sets)] = reason
-    if not rejected and shutil.which((_compiler(Path(source)) or [""])[0]) is not None:
+    missing = None if rejected else _no_compiler(Path(source))
+    if not rejected and missing is None:
         # A compiler is there, so this is a broken toolchain, not a machine without one.
         _warn_once(f"fused-optim's C kernels {Path(source).name} are not used, torch ops serve instead: {reason}")
+    logger.info(
+        "fused-optim's C kernels %s are not used, torch ops serve instead: %s", Path(source).name, missing or reason
+    )
     return None
 
 
@@ -307,7 +357,12 @@ def load_library(
     """
     frozen: FlagSets = tuple(tuple(flags) for flags in flag_sets)
     if os.environ.get(DISABLE_ENV):
-        _reasons[(str(source), frozen)] = f"disabled by {DISABLE_ENV}"
+        key, reason = (str(source), frozen), f"disabled by {DISABLE_ENV}"
+        if _reasons.get(key) != reason:  # said once per process, as the other reasons (load_library is asked again)
+            logger.info(
+                "fused-optim's C kernels %s are not used, torch ops serve instead: %s is set", source.name, DISABLE_ENV
+            )
+        _reasons[key] = reason
         return None
     frozen_signatures = tuple((name, restype, tuple(argtypes)) for name, (restype, argtypes) in signatures.items())
     return _load(str(source), frozen, tuple(extra), python_api, frozen_signatures, check)
