@@ -28,6 +28,7 @@ class ParamList(list):  # type: ignore[type-arg]
     or reordered. Everything else is ``list``'s: it pickles, copies and compares as one."""
 
     version = 0
+    """How many times the list was mutated (0 for a new list)."""
 
     def _changed(self) -> None:
         self.version += 1

@@ -174,7 +174,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         for index in edited:
             group = self.param_groups[index]
-            missing = [key for key in self.defaults if key not in group]
+            fields = self.hyperparameters.model_fields
+            missing = [key for key in self.defaults if key not in group and key in fields]
             if missing:
                 raise InvalidHyperparameterError(
                     f"{name} param group {index} has no {', '.join(map(repr, missing))}; add groups with "

@@ -27,7 +27,7 @@ def _reference(match: re.Match[str]) -> str:
 
 def plain(text: str) -> str:
     """A docstring's reST as plain terminal text: roles, literals and interpreted text lose their
-    markup, ``::`` becomes ``:``, and each paragraph is wrapped to :data:`WIDTH` columns; indented
+    markup, ``::`` becomes ``:``, and each paragraph is wrapped to ``WIDTH`` columns; indented
     lines (examples) are kept as they are."""
     text = _INTERPRETED.sub(r"\1", _LITERAL.sub(r"\1", _ROLE.sub(_reference, textwrap.dedent(text).strip())))
     paragraphs = []

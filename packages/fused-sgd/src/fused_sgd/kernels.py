@@ -24,7 +24,7 @@ Four flat launchers implement it, and one segment launcher (gradients read where
   values per million differently in fp32 and fp64, and is wrong for fp16/bf16.
 * :func:`sgd_native_fused_fp32_chunks`: for fp16/bf16 where only the fp32 fused op is
   right (CUDA): cache-sized chunks are upcast, updated by the fp32 fused op, and rounded once.
-* :func:`sgd_c_flat` (also named :func:`sgd_c_half`): every CPU dtype in one pass over memory,
+* :func:`sgd_c_flat` (also named ``sgd_c_half``): every CPU dtype in one pass over memory,
   by a C kernel (``csrc/sgd.c``) compiled on first use (:mod:`fused_core.native`).
 * :func:`sgd_c_segments`: every CPU dtype, the same C kernel over the slots of a param group,
   each slot's gradient read at its own address (:class:`fused_core.kernels.GradSegments`).
