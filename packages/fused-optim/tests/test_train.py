@@ -290,6 +290,7 @@ def test_a_diverged_run_is_reported(losses: list[float], end: float, why: str) -
     summary = " ".join(format_summary(report).split())
     assert "DIVERGED: torch.optim.SGD(foreach=False) and FusedSGD did not train" in summary
     assert why in summary and "lower --lr (now 0.1)" in summary
+    assert "drift:" not in summary  # no distance between diverged runs
     assert report.as_json()["diverged"] is True
 
 

@@ -243,6 +243,8 @@ def _comparison(report: TrainReport) -> list[str]:
         f"result:    test accuracy {f.test_accuracy:.2%} with FusedSGD, {t.test_accuracy:.2%} with {t.name};"
         f" final training loss {f.train_loss:.4f} and {t.train_loss:.4f}"
     ]
+    if report.diverged:  # non-finite parameters: no distance to report, the DIVERGED line says why
+        return lines
     drift = f"drift:     parameters {report.max_rel_diff:.1e} apart after {steps} steps"
     agreeing = report.agreeing_steps
     if agreeing is None:
