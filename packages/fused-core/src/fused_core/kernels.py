@@ -65,6 +65,7 @@ class Launcher(Protocol):
         state: Mapping[str, torch.Tensor],
         hyperparams: Mapping[str, Any],
         first_step: bool,
+        /,
     ) -> None: ...
 
 
@@ -119,6 +120,7 @@ class SegmentLauncher(Protocol):
         state: Mapping[str, torch.Tensor],
         grads: GradSegments,
         hyperparams: Mapping[str, Any],
+        /,
     ) -> int: ...
 
 
@@ -162,6 +164,73 @@ def in_fp32_chunks(
         for t, piece in zip(state, pieces):
             if t is not None and piece is not None:
                 t[part].copy_(piece)
+
+
+_SAME_SIZE_INTS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one float dtype hold the same bits (NaNs of one payload compare equal,
+    ``-0.0`` and ``0.0`` do not)."""
+    bits = _SAME_SIZE_INTS[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+
+
+def launcher_agrees(
+    candidate: Launcher,
+    reference: Launcher,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    cases: Collection[Mapping[str, Any]],
+    state_names: Collection[str],
+    exact: bool,
+    numel: int = 4099,
+    ulps: float = 4.0,
+    state_values: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> bool:
+    r"""Whether ``candidate`` computes what ``reference`` does on ``device`` for ``dtype``: the check to
+    run before routing a dtype to a faster launcher (a native fused op, a compiled kernel), on the
+    torch build and device at hand. A plugin's ``dtypes=`` predicate calls it (cached per dtype).
+
+    For each hyperparameter dict of ``cases``, both launchers run a first and a second step on the
+    same fresh random slices of ``numel`` elements (parameters, gradients and each state of
+    ``state_names``; ``state_values(name, randn)`` shapes a state's start, e.g. ``abs`` for a
+    second moment). Then every parameter and state element must agree: bit for bit if ``exact``,
+    else to ``ulps`` units in the last place of ``dtype`` relative to the largest magnitude,
+
+    .. math:: \max_i |c_i - r_i| \le \text{ulps} \cdot \varepsilon_{\text{dtype}} \cdot \max_i |r_i|.
+
+    A candidate that raises (``RuntimeError``, ``NotImplementedError``, ``TypeError``: an op the
+    build lacks) does not agree.
+    """
+    generator = torch.Generator().manual_seed(0)
+    tolerance = ulps * torch.finfo(dtype).eps
+    try:
+        for hyperparams in cases:
+            start = [torch.randn(numel, generator=generator, dtype=torch.float64) for _ in range(2 + len(state_names))]
+            for name, index in zip(state_names, range(2, len(start))):
+                if state_values is not None:
+                    start[index] = state_values(name, start[index])
+            start = [tensor.to(device, dtype) for tensor in start]
+            runs = []
+            for launcher in (reference, candidate):
+                params, grads, *states = (tensor.clone() for tensor in start)
+                state = dict(zip(state_names, states))
+                for first_step in (True, False):
+                    launcher(params, grads, state, hyperparams, first_step)
+                runs.append([params, *state.values()])
+            for expected, actual in zip(*runs):
+                if exact:
+                    if not same_bits(expected, actual):
+                        return False
+                    continue
+                scale = expected.double().abs().max().clamp_min(1e-30)
+                if ((actual.double() - expected.double()).abs().max() / scale).item() > tolerance:
+                    return False
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
 
 
 DtypeFilter = Collection[torch.dtype] | Callable[[torch.device, torch.dtype], bool] | None

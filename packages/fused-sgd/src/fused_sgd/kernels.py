@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from fused_core.kernels import LOW_PRECISION, GradSegments, Launcher, as_float, in_fp32_chunks
+from fused_core.kernels import LOW_PRECISION, GradSegments, Launcher, as_float, in_fp32_chunks, launcher_agrees
 from fused_core.native import NativeLibrary, load_library
 
 
@@ -284,36 +284,16 @@ def agrees_with_composite(launcher: Launcher, device: torch.device, dtype: torch
     return _matches_composite(launcher, device, dtype, numel, exact=device.type == "cpu")
 
 
-_BITS = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-}
-
-
 def _matches_composite(launcher: Launcher, device: torch.device, dtype: torch.dtype, numel: int, exact: bool) -> bool:
-    """Runs a first and a second step of each probe case on fresh random data with ``launcher`` and
-    with :func:`sgd_composite` and compares parameters and momentum: bit for bit if ``exact``, else
-    to 4 units in the last place of ``dtype``, relative to the largest value."""
-    generator = torch.Generator().manual_seed(0)
-    tolerance = 4 * torch.finfo(dtype).eps
-    try:
-        for hp in _PROBE_CASES:
-            data = [torch.randn(numel, generator=generator, dtype=torch.float64).to(device, dtype) for _ in range(3)]
-            ours = [t.clone() for t in data]
-            theirs = [t.clone() for t in data]
-            for first_step in (True, False):
-                sgd_composite(ours[0], ours[1], {"momentum_buffer": ours[2]}, hp, first_step)
-                launcher(theirs[0], theirs[1], {"momentum_buffer": theirs[2]}, hp, first_step)
-            for mine, other in zip(ours, theirs):
-                if exact:
-                    if not torch.equal(mine.view(_BITS[dtype]), other.view(_BITS[dtype])):
-                        return False
-                    continue
-                scale = mine.double().abs().max().clamp_min(1e-30)
-                if ((mine.double() - other.double()).abs().max() / scale).item() > tolerance:
-                    return False
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return True
+    """:func:`fused_core.kernels.launcher_agrees` with :func:`sgd_composite` as the reference, over
+    SGD's probe cases (Nesterov with weight decay, dampening with maximize, no momentum)."""
+    return launcher_agrees(
+        launcher,
+        sgd_composite,
+        device,
+        dtype,
+        cases=_PROBE_CASES,
+        state_names=("momentum_buffer",),
+        exact=exact,
+        numel=numel,
+    )
