@@ -347,3 +347,15 @@ def test_schedulers_assigning_lr_and_momentum_every_step(dtype: torch.dtype) -> 
             assert torch.equal(a, b), f"seed {seed}, parameter {index}"
         else:
             assert relative_error(a, b) <= 16 * torch.finfo(dtype).eps, f"seed {seed}, parameter {index}"
+
+
+def test_invalidate_layout_rebuilds_and_steps_as_torch() -> None:
+    """The public way to force a new layout: the next step lays the parameters out afresh, momentum
+    carried by identity, and equals torch."""
+    optimizer, params, reference, twin = _stepped_with_reference()
+    before = optimizer.get_combined_params()[0].data_ptr()
+    optimizer.invalidate_layout()
+    _step_both(optimizer, params, reference, twin)
+    assert optimizer.get_combined_params()[0].data_ptr() != before
+    for mine, theirs in zip(params[:6], twin[:6]):
+        assert torch.equal(optimizer.state[mine]["momentum_buffer"], reference.state[theirs]["momentum_buffer"])

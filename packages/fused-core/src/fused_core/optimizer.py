@@ -238,6 +238,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._groups = GroupsSnapshot(self.param_groups)
         return self._groups
 
+    def invalidate_layout(self) -> None:
+        """Lay the parameters out afresh at the next use (step, ``zero_grad``, ``get_combined_*``),
+        state carried over by identity. Never needed for what torch users do (re-allocation and
+        ``param_groups`` edits are detected); for a plugin or tool that changes what the layout
+        depends on in a way no check can see."""
+        self._drop_layout()
+
     def _drop_layout(self) -> None:
         """Rebuild the layout at the next step (``param_groups`` changed), with the state of every
         parameter carried over by identity; parameters no longer in any group then get their
