@@ -10,10 +10,11 @@ and both are refused with an error that names the parameters, before anything is
 * **aliasing**: two parameters whose elements overlap (``b = nn.Parameter(a.data)``, views
   of one tensor that overlap, ``p.data = q.data``). torch steps the shared memory with both
   gradients; separate slots would step two copies. Parameters over *disjoint* parts of one
-  storage (``x[:10]``, ``x[10:]``) are independent tensors to torch as well, and are laid out
-  as such.
+  storage (``x[:10]``, ``x[10:]``, or interleaved: ``x[:, :5]``, ``x[:, 5:]``) are independent
+  tensors to torch as well, and are laid out as such.
 
-Checking costs O(parameters · log parameters), once per layout build or re-adoption.
+Checking costs O(parameters · log parameters), once per layout build or re-adoption, plus
+O(span) for two parameters whose spans (first to last element) overlap.
 """
 
 from __future__ import annotations
@@ -47,8 +48,29 @@ def check_not_shared(slots: Iterable[Slot]) -> None:
             )
 
 
+MAX_MASK_ELEMENTS = 1 << 28
+"""Largest span (in elements) over which two parameters whose spans overlap are compared element
+by element; beyond it, overlapping spans are refused as overlapping memory."""
+
+
+def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one storage whose spans overlap share an element: interleaved
+    views (``x[:, :5]`` and ``x[:, 5:]``, ``x[0::2]`` and ``x[1::2]``) do not."""
+    size = a.element_size()
+    if b.element_size() != size or (a.data_ptr() - b.data_ptr()) % size:
+        return True
+    low = min(a.data_ptr(), b.data_ptr())
+    elements = max(a.data_ptr() // size + extent(a), b.data_ptr() // size + extent(b)) - low // size
+    if elements > MAX_MASK_ELEMENTS:
+        return True
+    mask = torch.zeros(elements, dtype=torch.bool)
+    mask.as_strided(a.shape, a.stride(), (a.data_ptr() - low) // size).fill_(True)
+    return bool(mask.as_strided(b.shape, b.stride(), (b.data_ptr() - low) // size).any())
+
+
 def check_disjoint(slots: Iterable[Slot]) -> None:
-    """Refuse two parameters whose elements overlap in memory, naming both."""
+    """Refuse two parameters whose elements overlap in memory, naming both. Spans (first to last
+    element) are compared first; where two overlap, their elements are."""
     spans = []
     for slot in slots:
         param = slot.param
@@ -57,15 +79,16 @@ def check_disjoint(slots: Iterable[Slot]) -> None:
             start = param.data_ptr()
             spans.append((param.device, start, start + elements * param.element_size(), slot))
     spans.sort(key=lambda span: (str(span[0]), span[1]))
-    previous = None
+    active: list[tuple[torch.device, int, int, Slot]] = []
     for span in spans:
-        if previous is not None and previous[0] == span[0] and span[1] < previous[2]:
-            raise InvalidParameterError(
-                f"{previous[3].describe()} and {span[3].describe()} share memory (one was made from the "
-                "other's .data, or both are overlapping views of one tensor): torch would step that memory "
-                "with both gradients, a flat buffer would step two copies. Make them one Parameter "
-                "(e.g. tie modules with decoder.weight = encoder.weight) or give each its own memory "
-                "(.clone())"
-            )
-        if previous is None or previous[0] != span[0] or span[2] > previous[2]:
-            previous = span
+        active = [other for other in active if other[0] == span[0] and other[2] > span[1]]
+        for other in active:
+            if _elements_overlap(other[3].param, span[3].param):
+                raise InvalidParameterError(
+                    f"{other[3].describe()} and {span[3].describe()} share memory (one was made from the "
+                    "other's .data, or both are overlapping views of one tensor): torch would step that memory "
+                    "with both gradients, a flat buffer would step two copies. Make them one Parameter "
+                    "(e.g. tie modules with decoder.weight = encoder.weight) or give each its own memory "
+                    "(.clone())"
+                )
+        active.append(span)
