@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidParameterError
+from . import pages
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,10 @@ class CpuBackend(Backend):
     """The CPU's flat buffers are anonymous memory maps (``torch.frombuffer`` over ``mmap``):
 
     * their pages are zero until written and take no memory until then, so adopting parameters
-      one by one (each copied in, its old storage freed) peaks at the parameters' bytes plus
-      the largest parameter, not twice the parameters' bytes;
+      one by one (each copied in, its old storage freed) never holds twice the parameters' bytes;
+      a large parameter that alone holds its storage is copied piece by piece, each copied
+      piece's pages given back (:mod:`~fused_core.backends.pages`), so the peak is the
+      parameters' bytes plus a few MB, not plus the largest parameter;
     * their storage cannot be resized: ``p.untyped_storage().resize_(0)``, which would free
       every parameter of the bucket at once, raises torch's "Trying to resize storage that is
       not resizable" before anything is lost.
@@ -103,6 +106,22 @@ class CpuBackend(Backend):
         if nbytes == 0:
             return torch.zeros(0, dtype=dtype, device=device)
         return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)
+
+    def adopt(self, tensor: torch.Tensor, flat: torch.Tensor, offset: int, stride: tuple[int, ...]) -> bool:
+        # The slot's strides are the tensor's own only if it is dense: then memory order is slot order.
+        if tuple(tensor.stride()) != stride or not pages.sole_owner(tensor):
+            return super().adopt(tensor, flat, offset, stride)
+        with torch.no_grad():
+            view = self.view(flat, offset, tensor, stride)
+            try:
+                released = pages.copy_releasing(tensor, flat[offset : offset + tensor.numel()])
+            except BaseException:
+                tensor.data = view  # the copy was completed before the error went on; old pages are gone
+                raise
+            if not released:
+                view.copy_(tensor)
+            tensor.data = view
+        return True
 
 
 _BUILTIN = {
