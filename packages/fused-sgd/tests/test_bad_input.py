@@ -39,7 +39,11 @@ def test_non_real_floating_dtypes(dtype: torch.dtype) -> None:
 
 def test_same_tensor_twice_in_a_group() -> None:
     p = _param(64, 64)
-    with pytest.raises(InvalidParameterError, match="parameter 2: the same tensor as parameter 0"):
+    # torch.optim.Optimizer.add_param_group warns about the duplicate before FusedSGD rejects it
+    with (
+        pytest.warns(UserWarning, match="duplicate parameters"),
+        pytest.raises(InvalidParameterError, match="parameter 2: the same tensor as parameter 0"),
+    ):
         FusedSGD([p, _param(8), p], lr=0.1)
 
 
