@@ -147,21 +147,6 @@ def _ranks(text: str) -> int:
     return value
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "npu":
-        return str(torch.npu.get_device_name(device))  # type: ignore[attr-defined]
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _loadavg() -> list[float] | None:
     try:
         return [round(value, 2) for value in os.getloadavg()]
@@ -196,7 +181,7 @@ def _others_percent(start: tuple[float, float, float] | None) -> float | None:
 def _machine(device: torch.device, load: list[float] | None) -> dict[str, Any]:
     return {
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": devices.device_name(device),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -5,6 +5,8 @@ torch_npu is imported only for ``npu`` (it registers the device type with torch)
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 DEVICE_TYPES = ("cpu", "cuda", "npu")
@@ -51,3 +53,24 @@ def _import_torch_npu(option: str) -> None:
         ) from None
     except (ImportError, OSError, RuntimeError) as error:
         raise DeviceError(f"{option} npu: torch_npu could not be imported: {error}") from None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The name of ``device``'s hardware: the GPU's or NPU's, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":
+        return str(torch.npu.get_device_name(device))  # type: ignore[attr-defined]
+    return cpu_name()

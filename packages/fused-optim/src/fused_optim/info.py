@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from . import devices
+
 NAME = "info"
 HELP = "report versions, devices, compilers, native kernels, plugins and which launcher serves what (for bug reports)"
 
@@ -88,17 +90,6 @@ def _program(words: list[str]) -> dict[str, Any]:
     return entry
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _devices() -> dict[str, Any]:
     cuda: dict[str, Any] = {"built_with": torch.version.cuda, "available": False, "devices": []}
     if torch.version.cuda is None:
@@ -130,7 +121,7 @@ def _devices() -> dict[str, Any]:
             npu["devices"] = [f"npu:{index}" for index in range(module.device_count())]
     return {
         "cpu": {
-            "name": _cpu_name(),
+            "name": devices.cpu_name(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "machine": platform.machine(),
