@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .flat import FlatBucket
+from .kernels import same_bits
 from .native import INCLUDE_DIR, NativeLibrary, Signature, load_library
 
 SOURCE = INCLUDE_DIR / "grad_norm.c"
@@ -96,16 +97,11 @@ def kernels_agree_with_torch(library: NativeLibrary) -> bool:
             any(abs(value - sumsq) > SUMSQ_TOLERANCE * sumsq for value in sums)
             or any(value != maxabs for value in maxima)
             or not math.isnan(nan_max)
-            or not _same_bits(flat, scaled)
-            or not _same_bits(torch.cat(parts), scaled)
+            or not same_bits(flat, scaled)
+            or not same_bits(torch.cat(parts), scaled)
         ):
             return False
     return True
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    bits = torch.int16 if a.element_size() == 2 else torch.int32
-    return torch.equal(a.view(bits), b.view(bits))
 
 
 def serves(device: torch.device, dtype: torch.dtype) -> bool:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from . import gradients, storage
+from .backends.pages import sole_owner
 from .buckets import Slot, plan_buckets
 from .errors import InvalidParameterError, ParameterReallocatedError
 from .flat import FlatBucket
@@ -96,15 +97,6 @@ def check_grad(slot: Slot, grad: torch.Tensor) -> None:
     ):
         if want != got:
             raise InvalidParameterError(f"{slot.describe()} has a gradient of {what} {got}, expected {want}")
-
-
-def owns_storage(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is the only tensor over its storage (not a view, nothing else shares it),
-    so re-pointing it (``tensor.data = ...``) cannot be seen through another tensor."""
-    if tensor._is_view():
-        return False
-    # The tensor's own reference, and the one of the storage object made to ask.
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
 
 
 class Layout:
@@ -339,7 +331,7 @@ class Layout:
                     else:
                         view.copy_(bucket.backend.match_param(param, grad))
                     same_format = bucket.backend.layout_of(grad) == bucket.backend.layout_of(view)
-                    if same_format and owns_storage(grad):
+                    if same_format and sole_owner(grad):
                         grad.data = view
                     elif same_format and zero:
                         grad.zero_()

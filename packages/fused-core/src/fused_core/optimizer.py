@@ -121,19 +121,30 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         watch_params(self.param_groups[-1])
         try:
-            seen: dict[int, int] = {}
-            for position, param in enumerate(self.param_groups[-1]["params"]):
-                self._check_param(param, f"{where}, parameter {position}")
-                if id(param) in seen:
-                    raise InvalidParameterError(
-                        f"{where}, parameter {position}: the same tensor as parameter {seen[id(param)]}; "
-                        "a parameter can live in a flat buffer only once"
-                    )
-                seen[id(param)] = position
+            self._check_group_params(index, self.param_groups[-1]["params"], {})
         except Exception:
             self.param_groups.pop()
             raise
         self._drop_layout()
+
+    def _check_group_params(self, index: int, params: Any, seen: dict[int, tuple[int, int]]) -> None:
+        """Check every parameter of param group ``index`` (a tensor of a dtype and device that can
+        live in a flat buffer), and that none is already in ``seen`` (``id`` -> group, position:
+        the parameters of the groups checked before, to which this group's are added)."""
+        where = f"{type(self).__name__} param group {index}"
+        for position, param in enumerate(params):
+            here = f"{where}, parameter {position}"
+            if not isinstance(param, torch.Tensor):
+                raise InvalidParameterError(f"{here}: is a {type(param).__name__}, not a tensor")
+            self._check_param(param, here)
+            if id(param) in seen:
+                group, first = seen[id(param)]
+                other = f"parameter {first}" if group == index else f"param group {group}, parameter {first}"
+                raise InvalidParameterError(
+                    f"{here}: the same tensor as {other}; a parameter can live in a flat buffer only once "
+                    "(torch.optim would step it twice). Remove one of the two"
+                )
+            seen[id(param)] = (index, position)
 
     @staticmethod
     def _check_param(param: torch.Tensor, where: str) -> None:
@@ -191,9 +202,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups = range(len(self.param_groups)) if layout is not self._scalars_checked_for else edited
         name = type(self).__name__
         for index in groups:
-            group = self.param_groups[index]
+            scalars = self.converted_scalars(self.param_groups[index]).items()
             for dtype in layout.group_dtypes.get(index, ()):
-                for label, value in self.converted_scalars(group).items():
+                for label, value in scalars:
                     if overflowing(value, dtype):
                         raise HyperparameterOverflowError(
                             f"{name} param group {index}: {label}={value!r} cannot be converted to {dtype} "
@@ -213,26 +224,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         snapshot = self._groups
         if snapshot is not None and snapshot.same_structure(self.param_groups):
             return snapshot
-        name = type(self).__name__
-        seen: dict[int, str] = {}
+        seen: dict[int, tuple[int, int]] = {}
         for index, group in enumerate(self.param_groups):
-            where = f"{name} param group {index}"
             if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
                 raise InvalidParameterError(
-                    f"{where} is not a dict with a list of tensors under 'params'; add groups with "
-                    "optimizer.add_param_group(), which also fills in the default hyperparameters"
+                    f"{type(self).__name__} param group {index} is not a dict with a list of tensors under "
+                    "'params'; add groups with optimizer.add_param_group(), which also fills in the default "
+                    "hyperparameters"
                 )
-            for position, param in enumerate(group["params"]):
-                here = f"{where}, parameter {position}"
-                if not isinstance(param, torch.Tensor):
-                    raise InvalidParameterError(f"{here}: is a {type(param).__name__}, not a tensor")
-                self._check_param(param, here)
-                if id(param) in seen:
-                    raise InvalidParameterError(
-                        f"{here}: the same tensor as {seen[id(param)]}; torch.optim would step it twice. "
-                        "Remove one of the two from param_groups"
-                    )
-                seen[id(param)] = here
+            self._check_group_params(index, group["params"], seen)
         if self._layout is not None:
             self._drop_layout()
         self._groups = GroupsSnapshot(self.param_groups)

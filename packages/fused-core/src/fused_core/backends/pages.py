@@ -41,7 +41,9 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 def sole_owner(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is the only tensor over its storage (what :func:`copy_releasing` needs)."""
+    """Whether ``tensor`` is the only tensor over its storage (not a view, nothing else shares it),
+    so re-pointing it (``tensor.data = ...``) or releasing its pages cannot be seen through
+    another tensor (what :func:`copy_releasing` needs, and what binding a gradient needs)."""
     if tensor._is_view():
         return False
     # The tensor's own reference, and the one of the storage object made to ask.
