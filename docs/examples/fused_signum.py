@@ -19,7 +19,7 @@ from torch.optim.optimizer import required
 
 from fused_core import FusedOptimizer, hookimpl
 from fused_core.hyperparams import LearningRate, NonNegativeReal
-from fused_core.kernels import as_float, in_fp32_chunks
+from fused_core.kernels import RunInfo, as_float, in_fp32_chunks
 
 
 class SignumHyperparams(BaseModel):
@@ -51,11 +51,11 @@ def signum_launcher(
     grads: torch.Tensor,
     state: Mapping[str, torch.Tensor],
     hp: Mapping[str, Any],
-    first_step: bool,
+    run: RunInfo,
 ) -> None:
     """One Signum update of a run of parameters: flat 1-D slices of one bucket.
     fp16/bf16 slices are computed in fp32, chunk by chunk, and rounded once."""
-    update = lambda p, g, m: _update(p, g, m, hp, first_step)  # noqa: E731
+    update = lambda p, g, m: _update(p, g, m, hp, run.first_step)  # noqa: E731
     in_fp32_chunks(update, params, grads, state["momentum"])
 
 

@@ -29,7 +29,7 @@ from torch.optim.optimizer import required
 import fused_core
 from fused_core import FusedOptimizer, hookimpl
 from fused_core.hyperparams import LearningRate, NonNegativeReal
-from fused_core.kernels import as_float, in_fp32_chunks
+from fused_core.kernels import RunInfo, as_float, in_fp32_chunks
 from fused_core.plugins import DISABLE_AUTOLOAD_ENV, PluginRegistry
 
 
@@ -55,11 +55,11 @@ def signum_kernel(
     grads: torch.Tensor,
     state: Mapping[str, torch.Tensor],
     hp: Mapping[str, Any],
-    first_step: bool,
+    run: RunInfo,
 ) -> None:
     """Signum on flat slices; fp16/bf16 slices are computed in fp32 and rounded once."""
-    beta, lr = hp["beta"], as_float(hp["lr"])
-    in_fp32_chunks(lambda p, g, m: _signum_update(p, g, m, beta, lr, first_step), params, grads, state["momentum"])
+    beta, lr, first = hp["beta"], as_float(hp["lr"]), run.first_step
+    in_fp32_chunks(lambda p, g, m: _signum_update(p, g, m, beta, lr, first), params, grads, state["momentum"])
 
 
 class Signum(FusedOptimizer):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fused_core import native, registry
-from fused_core.kernels import GradSegments, segments_kernel
+from fused_core.kernels import GradSegments, RunInfo, segments_kernel
 from fused_sgd import FusedSGD
 from fused_sgd.kernels import (
     _C_SIGNATURE,
@@ -62,15 +62,15 @@ def _run(launcher, dtype: torch.dtype, hp: dict) -> tuple[torch.Tensor, torch.Te
     params, grads = _data(dtype)
     buf = torch.zeros_like(params)
     for step, grad in enumerate(grads):
-        launcher(params, grad, {"momentum_buffer": buf}, hp, step == 0)
+        launcher(params, grad, {"momentum_buffer": buf}, hp, RunInfo.whole(params, first_step=step == 0))
     return params, buf
 
 
 def _segments(launcher):
     """A segment launcher seen as a flat one (one slot, the gradient where it lies)."""
 
-    def flat(params, grads, state, hp, first_step):
-        launcher(params, state, GradSegments.whole(grads, initialized=not first_step), hp)
+    def flat(params, grads, state, hp, run):
+        launcher(params, state, GradSegments.whole(grads, initialized=not run.first_step), hp)
 
     return flat
 
@@ -98,7 +98,7 @@ def test_the_composite_over_flat_buffers_is_torch_sgd_bit_for_bit(dtype: torch.d
         for param, piece in zip(params, grad.split(sizes)):
             param.grad = piece.clone()
         optimizer.step()
-        sgd_composite(flat, grad, {"momentum_buffer": buf}, hp, step == 0)
+        sgd_composite(flat, grad, {"momentum_buffer": buf}, hp, RunInfo.whole(flat, first_step=step == 0))
     theirs = torch.cat([p.detach() for p in params])
     assert _differing(flat, theirs) == 0, f"{_differing(flat, theirs)} of {NUMEL} parameters differ"
     if hp["momentum"]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fused_core import registry
-from fused_core.kernels import FP32_CHUNK
+from fused_core.kernels import FP32_CHUNK, RunInfo
 from fused_sgd import FusedSGD
 from fused_sgd.kernels import (
     C_SOURCE,
@@ -79,7 +79,7 @@ def _launcher_errors(launcher, dtype, numel, first_then_more=True):
     ref = ReferenceSGD([params], **HP)
     for step in range(3):
         grad = torch.randn(numel, generator=generator, dtype=torch.float64).to(dtype)
-        launcher(params, grad, {"momentum_buffer": buf}, HP, step == 0)
+        launcher(params, grad, {"momentum_buffer": buf}, HP, RunInfo.whole(params, first_step=step == 0))
         ref.step([grad])
     return relative_error(params, ref.params[0]) + relative_error(buf, ref.momentum_buffers[0])
 
@@ -151,8 +151,10 @@ def _c_and_composite(dtype: torch.dtype, hp: dict, poison: bool = False) -> tupl
         grad = torch.randn(C_NUMEL, generator=generator, dtype=torch.float64).to(dtype)
         if poison:
             grad[100_000] = math.nan
-        sgd_c_half(ours[0], grad, {"momentum_buffer": ours[2]}, hp, step == 0)
-        sgd_composite(theirs[0], grad, {"momentum_buffer": theirs[2]}, hp, step == 0)
+        sgd_c_half(ours[0], grad, {"momentum_buffer": ours[2]}, hp, RunInfo.whole(ours[0], first_step=step == 0))
+        sgd_composite(
+            theirs[0], grad, {"momentum_buffer": theirs[2]}, hp, RunInfo.whole(theirs[0], first_step=step == 0)
+        )
     return ours, theirs
 
 

@@ -28,7 +28,8 @@ def test_discovered_without_importing_fused_sgd() -> None:
         "import sys, fused_core; assert 'fused_sgd' not in sys.modules; "
         "print(fused_core.available_optimizers()); print('torch_npu' in sys.modules)"
     )
-    assert out.split("\n")[:2] == ["['sgd']", "False"]
+    available, npu_imported = out.split("\n")[:2]
+    assert "'sgd'" in available and npu_imported == "False"  # other installed plugins (fused-adam) may list too
 
 
 def test_autoload_can_be_disabled() -> None:
@@ -53,5 +54,5 @@ def test_create_optimizer_builds_fused_sgd() -> None:
 def test_unknown_name_lists_available() -> None:
     import fused_core
 
-    with pytest.raises(fused_core.UnknownOptimizerError, match="unknown optimizer 'adamw'; available: .*sgd"):
-        fused_core.create_optimizer("adamw", [torch.nn.Parameter(torch.randn(3))], lr=0.1)
+    with pytest.raises(fused_core.UnknownOptimizerError, match="unknown optimizer 'no-such'; available: .*sgd"):
+        fused_core.create_optimizer("no-such", [torch.nn.Parameter(torch.randn(3))], lr=0.1)

@@ -1,7 +1,9 @@
 """Flat buffers: one contiguous buffer each for a bucket's parameters, gradients
 and every per-parameter state buffer, all with the same layout (the gradient buffer
-only once something needs the gradients in one place, the state buffers only once
-the hyperparameters use them, e.g. SGD's momentum buffer only with ``momentum != 0``).
+only once something needs the gradients in one place, a state buffer only once a
+param group's hyperparameters use it, e.g. SGD's momentum buffer only with ``momentum != 0``,
+Adam's ``max_exp_avg_sq`` only with ``amsgrad``), and one small table per scalar state
+(Adam's ``step``): one value per slot, where ``state[p]["step"]`` is a 0-dim view.
 
 Binding re-points a tensor at its slice: a parameter keeps its identity
 (``id(p)``), shape, strides, values and ``requires_grad``; only its storage moves.
@@ -17,16 +19,24 @@ from .backends import get_backend
 from .buckets import BucketPlan, Slot
 
 
+def scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps scalar state (``step``) in: float64 under a float64 default dtype,
+    else float32 (``torch.optim.optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 class FlatBucket:
     """The flat param, grad and state buffers of one (device, dtype) bucket."""
 
-    def __init__(self, plan: BucketPlan, state_names: Iterable[str]) -> None:
+    def __init__(self, plan: BucketPlan, state_names: Iterable[str], scalar_names: Iterable[str] = ()) -> None:
         self.plan = plan
         self.backend = get_backend(plan.device)
         self.params = self._make()
         self.state_names = tuple(state_names)
         self.state: dict[str, torch.Tensor] = {}
-        """The state buffers by name, empty until :meth:`allocate_state`."""
+        """The state buffers allocated so far, by name (:meth:`allocate_state`)."""
+        self.scalars = {name: torch.zeros(len(plan.slots), dtype=scalar_dtype()) for name in scalar_names}
+        """Each scalar state's table: one value per slot, on the CPU, as torch keeps Adam's ``step``."""
         self._grads: torch.Tensor | None = None
         self._grad_chunks: list[torch.Tensor] | None = None
         self._grad_addresses: torch.Tensor | None = None
@@ -38,16 +48,14 @@ class FlatBucket:
     def _make(self) -> torch.Tensor:
         return self.backend.zeros(self.plan.numel, self.plan.dtype, self.plan.device)
 
-    @property
-    def state_allocated(self) -> bool:
-        return len(self.state) == len(self.state_names)
-
-    def allocate_state(self) -> None:
-        """Allocate the state buffers (zeros), once the parameters are in place: adopting
-        parameters first keeps the peak at the parameters' bytes plus one state buffer."""
-        for name in self.state_names:
-            if name not in self.state:
-                self.state[name] = self._make()
+    def allocate_state(self, names: Iterable[str]) -> bool:
+        """Allocate the state buffers ``names`` not allocated yet (zeros), once the parameters are in
+        place: adopting parameters first keeps the peak at the parameters' bytes plus one state
+        buffer. Returns whether any was allocated."""
+        new = [name for name in names if name in self.state_names and name not in self.state]
+        for name in new:
+            self.state[name] = self._make()
+        return bool(new)
 
     @property
     def grads(self) -> torch.Tensor:
@@ -86,7 +94,7 @@ class FlatBucket:
     @property
     def watched_buffers(self) -> list[torch.Tensor]:
         """The buffers whose bound tensors the staleness check watches: parameters and state."""
-        return [self.params, *self.state.values()]
+        return [self.params, *self.state.values(), *self.scalars.values()]
 
     def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
         """A new tensor for ``slot``'s region of ``flat``, shaped and strided like the parameter."""
@@ -111,6 +119,29 @@ class FlatBucket:
         """Move the parameter's values into its slot and bind the parameter there.
         Returns whether the binding shares the flat storage (see :class:`Backend`)."""
         return self.backend.adopt(slot.param, self.params, slot.offset, slot.stride)
+
+    def scalar_view(self, name: str, index: int) -> torch.Tensor:
+        """Slot ``index``'s value of scalar state ``name``: a 0-dim view of its table."""
+        return self.scalars[name][index]
+
+    def holds_scalar(self, name: str, index: int, value: object) -> bool:
+        """Whether ``value`` is slot ``index``'s view of scalar state ``name``."""
+        table = self.scalars[name]
+        return (
+            isinstance(value, torch.Tensor)
+            and value.dim() == 0
+            and value.dtype == table.dtype
+            and value.device == table.device
+            and value.data_ptr() == table.data_ptr() + index * table.element_size()
+            and value.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+        )
+
+    def bind_scalar(self, name: str, index: int, value: float | torch.Tensor) -> torch.Tensor:
+        """Slot ``index``'s view of scalar state ``name``, holding ``value`` (a number or a
+        one-element tensor, as torch and torch_npu save ``step``)."""
+        view = self.scalar_view(name, index)
+        view.fill_(value.item() if isinstance(value, torch.Tensor) else value)
+        return view
 
     def bind_state(self, name: str, slot: Slot, value: torch.Tensor | None) -> torch.Tensor:
         """The slot's region of state buffer ``name``, filled from ``value`` when given."""

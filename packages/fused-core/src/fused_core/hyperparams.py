@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import torch
@@ -47,6 +47,22 @@ NonNegativeReal = Annotated[float, BeforeValidator(_real_number), Field(ge=0, al
 
 LearningRate = Annotated[Any, BeforeValidator(_real_or_scalar_tensor)]
 """A finite learning rate >= 0, as a number or a one-element tensor."""
+
+
+def unsupported_if_true(what: str, use_instead: str) -> Callable[[bool], bool]:
+    """An ``AfterValidator`` for a torch.optim flag that a fused optimizer cannot honour (it is
+    accepted when False, as torch's default)::
+
+        differentiable: Annotated[StrictBool, AfterValidator(unsupported_if_true(
+            "autograd through the step", "torch.optim.SGD(differentiable=True)"))] = False
+    """
+
+    def check(value: bool) -> bool:
+        if value:
+            raise ValueError(f"fused optimizers do not support {what}; use {use_instead}")
+        return value
+
+    return check
 
 
 def validate_group(

@@ -2,12 +2,16 @@
 
 A *launcher* applies one optimizer update to flat, 1-D, contiguous slices::
 
-    launcher(params, grads, state, hyperparams, first_step) -> None
+    launcher(params, grads, state, hyperparams, run) -> None
 
-``params`` and ``grads`` are slices of a bucket's flat buffers, ``state`` maps
-each state-buffer name to its slice, ``hyperparams`` is the param group dict
-(read every step, so schedulers are honoured) and ``first_step`` is True when
-the state buffers of this slice have not been initialised yet.
+``params`` and ``grads`` are slices of a bucket's flat buffers covering one *run* of slots
+(parameters of one param group, all with a gradient, whose state is in the same condition);
+``state`` maps each state name the group uses to its slice: a state buffer's slice is laid out
+like ``params``, a scalar state's (Adam's ``step``) holds one value per slot of the run, the same
+for every slot (the core splits runs where they differ). ``hyperparams`` is the param group dict
+(read every step, so schedulers are honoured) and ``run`` (:class:`RunInfo`) says which
+parameters the run covers, where each lies in the slices, and whether the run's state is
+initialised (``run.first_step``: not yet; initialise it from this step, do not read it).
 
 A *segment launcher*, registered under :func:`segments_kernel` of the kernel's name,
 reads every parameter's gradient where it lies instead (autograd's fresh gradient
@@ -15,11 +19,11 @@ tensors, in torch's default loop), so that nothing is copied first::
 
     launcher(params, state, grads: GradSegments, hyperparams) -> int
 
-``params`` and ``state`` cover one param group's slots of a bucket; ``grads`` says
-where each slot is and where its gradient lies, which slots have one, and which
-have initialised state (the launcher marks the slots it initialises with 2 and
-returns how many). The core uses one where registered for (device, dtype), and
-otherwise copies the gradients into the flat gradient buffer and calls the launcher.
+``params`` and ``state`` cover one param group's slots of a bucket (a scalar state: one value per
+slot, which may differ between slots); ``grads`` says where each slot is and where its gradient
+lies, which slots have one, and which have initialised state (the launcher marks the slots it
+initialises with 2 and returns how many). The core uses one where registered for (device, dtype),
+and otherwise copies the gradients into the flat gradient buffer and calls the launcher.
 
 Resolution order for a tensor on ``device`` with ``dtype`` (first match wins;
 within one level the most recent registration wins):
@@ -57,6 +61,34 @@ logger = logging.getLogger(__name__)
 ANY_DEVICE = "*"
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What one flat launch covers: the metadata a launcher gets beside its slices."""
+
+    first_step: bool
+    """True when the run's state is not initialised yet: initialise it from this step, do not read it."""
+    parameters: tuple[torch.Tensor, ...]
+    """The parameters of the run's slots, in order (each is its own tensor, bound to its slot)."""
+    offsets: torch.Tensor
+    """int64 element offset of each slot from the start of the run's slices."""
+    numels: torch.Tensor
+    """int64 element count of each slot (alignment gaps, if any, lie between slots)."""
+
+    @property
+    def slots(self) -> int:
+        return len(self.parameters)
+
+    @classmethod
+    def whole(cls, params: torch.Tensor, *, first_step: bool) -> RunInfo:
+        """One slot covering a whole slice: a run over ``params`` itself (probes, tests, benchmarks)."""
+        return cls(
+            first_step=first_step,
+            parameters=(params,),
+            offsets=torch.zeros(1, dtype=torch.int64),
+            numels=torch.tensor([params.numel()], dtype=torch.int64),
+        )
+
+
 class Launcher(Protocol):
     def __call__(
         self,
@@ -64,7 +96,7 @@ class Launcher(Protocol):
         grads: torch.Tensor,
         state: Mapping[str, torch.Tensor],
         hyperparams: Mapping[str, Any],
-        first_step: bool,
+        run: RunInfo,
         /,
     ) -> None: ...
 
@@ -134,6 +166,14 @@ def as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def as_scalar(value: Any) -> Any:
+    """A hyperparameter as torch.optim's step computes with it (``torch.optim.optimizer._to_scalar``):
+    a one-element tensor becomes a 0-dim tensor, so that arithmetic on it (Adam's ``lr / bias_correction1``,
+    AdamW's ``1 - lr * weight_decay``) happens in the tensor's dtype, as in torch; anything else is
+    returned as it is."""
+    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+
+
 def in_fp32_chunks(
     update: Callable[..., None],
     params: torch.Tensor,
@@ -188,6 +228,7 @@ def launcher_agrees(
     numel: int = 4099,
     ulps: float = 4.0,
     state_values: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    scalar_state_names: Collection[str] = (),
 ) -> bool:
     r"""Whether ``candidate`` computes what ``reference`` does on ``device`` for ``dtype``: the check to
     run before routing a dtype to a faster launcher (a native fused op, a compiled kernel), on the
@@ -196,7 +237,9 @@ def launcher_agrees(
     For each hyperparameter dict of ``cases``, both launchers run a first and a second step on the
     same fresh random slices of ``numel`` elements (parameters, gradients and each state of
     ``state_names``; ``state_values(name, randn)`` shapes a state's start, e.g. ``abs`` for a
-    second moment). Then every parameter and state element must agree: bit for bit if ``exact``,
+    second moment; each of ``scalar_state_names`` starts as one zero, float32, on the CPU), as one
+    run of one slot (:meth:`RunInfo.whole`). Then every parameter, state and scalar state must
+    agree: bit for bit if ``exact``,
     else to ``ulps`` units in the last place of ``dtype`` relative to the largest magnitude,
 
     .. math:: \max_i |c_i - r_i| \le \text{ulps} \cdot \varepsilon_{\text{dtype}} \cdot \max_i |r_i|.
@@ -217,8 +260,9 @@ def launcher_agrees(
             for launcher in (reference, candidate):
                 params, grads, *states = (tensor.clone() for tensor in start)
                 state = dict(zip(state_names, states))
+                state.update({name: torch.zeros(1) for name in scalar_state_names})
                 for first_step in (True, False):
-                    launcher(params, grads, state, hyperparams, first_step)
+                    launcher(params, grads, state, hyperparams, RunInfo.whole(params, first_step=first_step))
                 runs.append([params, *state.values()])
             for expected, actual in zip(*runs):
                 if exact:

@@ -26,7 +26,15 @@ Anything else is the cold path, :meth:`Layout.reconcile`, which walks every para
 * param moved to another device or dtype: the whole layout is rebuilt, state carried over;
 * param re-allocated with another shape: :class:`ParameterReallocatedError`;
 * state tensor replaced (``load_state_dict``): copied into its slot and re-bound; a state
-  value of None (torch's "no momentum buffer yet") re-initialises it at the next step.
+  value of None (torch's "no momentum buffer yet") re-initialises it at the next step. A scalar
+  state (Adam's ``step``) may be loaded as a number or a one-element tensor (older torch,
+  torch_npu).
+
+State follows the param groups: each group uses the state names its hyperparameters ask for
+(``names_for(group)``: SGD's momentum buffer only with momentum, Adam's ``max_exp_avg_sq`` only
+with amsgrad), checked at every step, so a scheduler or a user turning such a hyperparameter on
+is honoured at the next step. A slot whose state is initialised for some of its group's names
+but lacks others (amsgrad switched on after the first step) is an error, as it is in torch.
 
 Nothing is modified until every parameter and gradient has been checked.
 """
@@ -42,45 +50,77 @@ import torch
 from . import gradients, storage
 from .backends.pages import sole_owner
 from .buckets import Slot, plan_buckets
-from .errors import InvalidParameterError, ParameterReallocatedError
+from .errors import InvalidHyperparameterError, InvalidParameterError, ParameterReallocatedError
 from .flat import FlatBucket
-from .kernels import GradSegments, KernelRegistry, Launcher, SegmentLauncher, segments_kernel
+from .kernels import GradSegments, KernelRegistry, Launcher, RunInfo, SegmentLauncher, segments_kernel
 
 State = MutableMapping[torch.Tensor, dict[str, Any]]
-InitializesState = Callable[[dict[str, Any]], bool]
+NamesFor = Callable[[dict[str, Any]], Sequence[str]]
+"""A param group's hyperparameters -> the state names (buffers and scalars) its slots keep."""
 
 
 @dataclass(eq=False)
 class Run:
-    """One flat launch: a contiguous range of one group's slots in one bucket."""
+    """One flat launch: a contiguous range of one group's slots in one bucket, using state ``names``."""
 
     group: int
     launcher: Launcher
     bucket: FlatBucket
     slots: list[Slot]
     first_step: bool
+    names: Sequence[str]
     params: torch.Tensor = field(init=False)
     grads: torch.Tensor = field(init=False)
     state: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         start, end = self.slots[0].offset, self.slots[-1].end
+        first, last = self.slots[0].position, self.slots[-1].position + 1
         self.params = self.bucket.params[start:end]
         self.grads = self.bucket.grads[start:end]
-        self.state = {name: flat[start:end] for name, flat in self.bucket.state.items()}
+        self.state = _slices(self.bucket, self.names, start, end, first, last)
+
+    def info(self) -> RunInfo:
+        """What the launcher is told about the run."""
+        base = self.slots[0].offset
+        return RunInfo(
+            first_step=self.first_step,
+            parameters=tuple(slot.param for slot in self.slots),
+            offsets=torch.tensor([slot.offset - base for slot in self.slots], dtype=torch.int64),
+            numels=torch.tensor([slot.numel for slot in self.slots], dtype=torch.int64),
+        )
+
+
+def _slices(bucket: FlatBucket, names: Sequence[str], start: int, end: int, first: int, last: int) -> dict[str, Any]:
+    """The slices of state ``names`` for elements ``[start, end)``, slots ``[first, last)``: a state
+    buffer's elements, a scalar state's values."""
+    sliced = {}
+    for name in names:
+        if name in bucket.scalars:
+            sliced[name] = bucket.scalars[name][first:last]
+        elif name in bucket.state:
+            sliced[name] = bucket.state[name][start:end]
+    return sliced
 
 
 @dataclass(eq=False)
 class GroupRange:
-    """One param group's slots ``[first, last)`` in one bucket, with the slices a segment launch needs."""
+    """One param group's slots ``[first, last)`` in one bucket, with the slices a segment launch
+    needs (``state``: those of the state names the group uses)."""
 
     group: int
     bucket: FlatBucket
     first: int
     last: int
     params: torch.Tensor
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
     grads: GradSegments | None = None
+
+    def slice_state(self, names: Sequence[str]) -> None:
+        slots = self.bucket.plan.slots
+        if self.last > self.first:
+            start, end = slots[self.first].offset, slots[self.last - 1].end
+            self.state = _slices(self.bucket, names, start, end, self.first, self.last)
 
 
 def check_grad(slot: Slot, grad: torch.Tensor) -> None:
@@ -108,10 +148,16 @@ class Layout:
         kernel: str,
         state_names: Sequence[str],
         registry: KernelRegistry,
-        initializes_state: InitializesState,
+        names_for: NamesFor,
+        scalar_names: Sequence[str] = (),
     ) -> None:
         self.state_names = tuple(state_names)
-        self.initializes_state = initializes_state
+        """Every state buffer the optimizer may keep, laid out like the parameters."""
+        self.scalar_names = tuple(scalar_names)
+        """Every scalar state the optimizer may keep, one value per parameter."""
+        self.names_for = names_for
+        self.group_names = [self._names(group) for group in param_groups]
+        """The state names each param group uses, as of the last check (:meth:`check_names`)."""
         plans = plan_buckets(param_groups)
         launchers = [registry.resolve(kernel, plan.device, plan.dtype) for plan in plans]
         reader = gradients.library()
@@ -124,9 +170,10 @@ class Layout:
         all_slots = [slot for plan in plans for slot in plan.slots]
         for slot in all_slots:
             self._check_states(slot, state)
+        self._check_complete(state, all_slots, self.group_names)
         storage.check_not_shared(all_slots)
         storage.check_disjoint(all_slots)
-        self.buckets = [FlatBucket(plan, self.state_names) for plan in plans]
+        self.buckets = [FlatBucket(plan, self.state_names, self.scalar_names) for plan in plans]
         self._launchers = dict(zip(self.buckets, launchers))
         self._segment_launchers: dict[FlatBucket, SegmentLauncher] = {
             bucket: launcher for bucket, launcher in zip(self.buckets, segment_launchers) if launcher is not None
@@ -137,10 +184,9 @@ class Layout:
             for slot in bucket.plan.slots:
                 self._bind_param(bucket, slot)
         for bucket in self.buckets:  # state buffers after the parameters: the lower peak
-            if self._state_used(bucket, param_groups, state):
-                bucket.allocate_state()
-                for slot in bucket.plan.slots:
-                    self._bind_states(bucket, slot, state)
+            bucket.allocate_state(self._used_names(bucket, state))
+            for slot in bucket.plan.slots:
+                self._bind_states(bucket, slot, state)
         self._tables: dict[FlatBucket, gradients.GradTable] = {}
         if reader is not None:
             for bucket in self._segment_launchers:
@@ -151,6 +197,7 @@ class Layout:
         self.ranges: list[GroupRange] = []
         for bucket in self.buckets:
             self.ranges += self._group_ranges(bucket)
+        self._slice_states()
         self.group_dtypes: dict[int, set[torch.dtype]] = {}
         """The dtypes of each param group's parameters (groups without parameters are absent)."""
         for span in self.ranges:
@@ -187,8 +234,7 @@ class Layout:
     def launch(self, groups: Sequence[dict[str, Any]], state: State) -> bool:
         """One update of every parameter that has a gradient. Returns False, having changed
         nothing, when a parameter turned out to have moved (reconcile, then launch again)."""
-        if self._stateless:
-            self._allocate_used_state(groups)
+        self.check_names(groups, state)
         plans: list[tuple[FlatBucket, list[Run] | None]] = []
         for bucket in self.buckets:
             table = self._tables.get(bucket)
@@ -216,7 +262,7 @@ class Layout:
         started = []
         for span in self.ranges:
             if span.bucket is bucket and span.grads is not None:
-                if launcher(span.params, span.state, span.grads, groups[span.group]):
+                if launcher(span.params, span.state, span.grads, groups[span.group]) and self.group_names[span.group]:
                     marked = (span.grads.initialized == 2).nonzero().flatten().tolist()
                     started += [(bucket, span.first + index) for index in marked]
         return started
@@ -224,9 +270,8 @@ class Layout:
     def _launch_runs(self, runs: list[Run], groups: Sequence[dict[str, Any]]) -> list[tuple[FlatBucket, int]]:
         started = []
         for run in runs:
-            group = groups[run.group]
-            run.launcher(run.params, run.grads, run.state, group, run.first_step)
-            if run.first_step and self.state_names and self.initializes_state(group):
+            run.launcher(run.params, run.grads, run.state, groups[run.group], run.info())
+            if run.first_step and self.group_names[run.group]:
                 started += [(run.bucket, slot.position) for slot in run.slots]
         return started
 
@@ -271,23 +316,25 @@ class Layout:
             if grad is not None:
                 check_grad(slot, grad)
         initialized = self._initialized[bucket].tolist()
-        pending: list[tuple[tuple[int, bool], list[Slot]]] = []
+        # Runs split where a scalar state differs: a launcher sees one step count per run.
+        scalars = list(zip(*(table.tolist() for table in bucket.scalars.values()))) or [()] * len(slots)
+        pending: list[tuple[tuple[int, bool, tuple], list[Slot]]] = []
         previous = False
-        for slot, grad, ready in zip(slots, grads, initialized):
+        for slot, grad, ready, values in zip(slots, grads, initialized, scalars):
             if grad is None:
                 previous = False
                 continue
             if not bucket.holds(bucket.grads, slot, grad):
                 with torch.no_grad():
                     bucket.view(bucket.grads, slot).copy_(bucket.backend.match_param(slot.param, grad))
-            key = (slot.group, not ready)
+            key = (slot.group, not ready, values if ready else ())
             if previous and pending[-1][0] == key:
                 pending[-1][1].append(slot)
             else:
                 pending.append((key, [slot]))
             previous = True
         launcher = self._launchers[bucket]
-        return [Run(group, launcher, bucket, run, first) for (group, first), run in pending]
+        return [Run(group, launcher, bucket, run, first, self.group_names[group]) for (group, first, _), run in pending]
 
     def bind_grads(self, *, zero: bool = False) -> None:
         """Put every gradient in the flat gradient buffer and bind it there, so the buffer is the
@@ -396,13 +443,14 @@ class Layout:
 
     # ----- cold path ------------------------------------------------------
     def refresh(self, state: State) -> None:
-        """Recompute which slots have initialised state, the sentinels and the use-count snapshot."""
+        """Recompute which slots have initialised state (every name their group uses; trivially
+        so for a group that uses none), the sentinels and the use-count snapshot."""
         for bucket in self.buckets:
-            flags = self._initialized[bucket]
-            for index, slot in enumerate(bucket.plan.slots):
+            ready = []
+            for slot in bucket.plan.slots:
                 values = state.get(slot.param, {})
-                ready = bool(self.state_names) and all(values.get(name) is not None for name in self.state_names)
-                flags[index] = int(ready)
+                ready.append(all(values.get(name) is not None for name in self.group_names[slot.group]))
+            self._initialized[bucket].copy_(torch.tensor(ready, dtype=torch.uint8))
         for span in self.ranges:
             table = self._tables.get(span.bucket)
             if table is None:
@@ -420,7 +468,6 @@ class Layout:
             bucket: [slot.param for slot in bucket.plan.slots] for bucket in self.buckets if bucket not in self._tables
         }
         self._param_ptrs = {bucket: [param.data_ptr() for param in params] for bucket, params in self._params.items()}
-        self._stateless = [bucket for bucket in self.buckets if self.state_names and not bucket.state_allocated]
         watched = {slot for span in self.ranges for slot in self._range_slots(span)} | self._unshared
         self._sentinels = [(slot.param, slot.param.data_ptr()) for slot in watched]
         self.snapshot()
@@ -441,8 +488,11 @@ class Layout:
         for bucket, index in started:
             slot = bucket.plan.slots[index]
             values = state[slot.param]
-            for name in self.state_names:
-                values[name] = bucket.view(bucket.state[name], slot)
+            for name in self.group_names[slot.group]:
+                if name in bucket.scalars:
+                    values[name] = bucket.scalar_view(name, index)
+                else:
+                    values[name] = bucket.view(bucket.state[name], slot)
             self._initialized[bucket][index] = 1
         self.snapshot()
 
@@ -474,6 +524,7 @@ class Layout:
         if self._rebuild:
             return False
         self._check_flat_storages()
+        self._check_complete(state, [slot for bucket in self.buckets for slot in bucket.plan.slots], self.group_names)
         readopt_params, readopt_states = [], []
         for bucket in self.buckets:
             for slot in bucket.plan.slots:
@@ -496,6 +547,11 @@ class Layout:
                     if value is not None and (flat is None or not bucket.holds(flat, slot, value)):
                         self._check_state(slot, name, value)
                         readopt_states.append((bucket, slot))
+                for name in self.scalar_names:
+                    value = values.get(name)
+                    if value is not None and not bucket.holds_scalar(name, slot.position, value):
+                        self._check_scalar(slot, name, value)
+                        readopt_states.append((bucket, slot))
         if readopt_params:
             slots = [slot for bucket in self.buckets for slot in bucket.plan.slots]
             storage.check_not_shared(slots)
@@ -507,7 +563,7 @@ class Layout:
         for bucket, slot in readopt_params:
             self._bind_param(bucket, slot)
         for bucket, slot in readopt_states:
-            bucket.allocate_state()
+            bucket.allocate_state(self._used_names(bucket, state))
             self._bind_states(bucket, slot, state)
         if readopt_states:
             self._slice_states()
@@ -533,45 +589,68 @@ class Layout:
             if bucket.plan.device.type == "cpu" and bucket.params.untyped_storage().is_shared():
                 storage.check_not_shared(bucket.plan.slots)
 
-    def _state_used(self, bucket: FlatBucket, groups: Sequence[dict[str, Any]], state: State) -> bool:
-        """Whether the bucket needs its state buffers now: a parameter has state, or a group
-        whose hyperparameters use state has a parameter here."""
-        if not self.state_names:
-            return False
-        slots = bucket.plan.slots
-        if any(state.get(slot.param) for slot in slots):
-            return True
-        return any(self.initializes_state(groups[index]) for index in {slot.group for slot in slots})
-
-    def _allocate_used_state(self, groups: Sequence[dict[str, Any]]) -> None:
-        """Allocate the state buffers of the buckets whose groups now use state (momentum set
-        after the first step); O(groups) per step while some bucket has none."""
-        allocated = False
+    def check_names(self, groups: Sequence[dict[str, Any]], state: State) -> None:
+        """O(groups): honour a param group whose hyperparameters now use other state names (momentum
+        or amsgrad switched on or off): allocate what it needs and recompute which of its slots are
+        initialised. A slot initialised for some of the group's new names but not all raises, as
+        torch does (KeyError), before anything changes."""
+        changed = [index for index, group in enumerate(groups) if self._names(group) != self.group_names[index]]
+        if not changed:
+            return
+        names = list(self.group_names)
+        for index in changed:
+            names[index] = self._names(groups[index])
+        slots = [slot for span in self.ranges if span.group in changed for slot in self._range_all_slots(span)]
+        self._check_complete(state, slots, names)
+        for index in changed:
+            self.group_names[index] = names[index]
         for span in self.ranges:
-            if not span.bucket.state_allocated and self.initializes_state(groups[span.group]):
-                span.bucket.allocate_state()
-                allocated = True
-        if allocated:
-            self._slice_states()
-            self._stateless = [bucket for bucket in self.buckets if not bucket.state_allocated]
-            self.snapshot()
+            if span.group in names:
+                span.bucket.allocate_state(names[span.group])
+        self._slice_states()
+        self.refresh(state)
+
+    @staticmethod
+    def _check_complete(state: State, slots: Sequence[Slot], names: Sequence[tuple[str, ...]]) -> None:
+        """Raise when one of ``slots`` keeps some but not all of the names its group uses (``names``, by group)."""
+        for slot in slots:
+            values = state.get(slot.param, {})
+            wanted = names[slot.group]
+            missing = [name for name in wanted if values.get(name) is None]
+            if missing and len(missing) < len(wanted):
+                raise InvalidHyperparameterError(
+                    f"{slot.describe()} has optimizer state but no {', '.join(map(repr, missing))}, which the "
+                    f"hyperparameters of param group {slot.group} now use (a hyperparameter that adds state, "
+                    "such as amsgrad, was switched on after the first step, or a state_dict saved without it was "
+                    "loaded). torch.optim fails here too (KeyError). Build the optimizer with it from the start, "
+                    "or load a state_dict that has it. Nothing was updated"
+                )
+
+    def _names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(self.names_for(group))
+
+    def _used_names(self, bucket: FlatBucket, state: State) -> set[str]:
+        """The state buffers ``bucket`` needs: those its groups use and those its parameters already have."""
+        used = {name for index in {slot.group for slot in bucket.plan.slots} for name in self.group_names[index]}
+        for slot in bucket.plan.slots:
+            values = state.get(slot.param) or {}
+            used.update(name for name in self.state_names if values.get(name) is not None)
+        return used
 
     def state_buffer(self, name: str, bucket: FlatBucket) -> torch.Tensor:
-        """The flat buffer of state ``name`` in ``bucket``, allocated (zeros) if no group used it yet."""
-        if not bucket.state_allocated:
-            bucket.allocate_state()
+        """The flat buffer of state ``name`` in ``bucket`` (a scalar state: its table, one value per
+        slot), allocated (zeros) if no group used it yet."""
+        if name in bucket.scalars:
+            return bucket.scalars[name]
+        if bucket.allocate_state([name]):
             self._slice_states()
-            self._stateless = [other for other in self.buckets if not other.state_allocated]
             self.snapshot()
         return bucket.state[name]
 
     # ----- helpers --------------------------------------------------------
     def _slice_states(self) -> None:
         for span in self.ranges:
-            slots = span.bucket.plan.slots
-            if span.last > span.first:
-                start, end = slots[span.first].offset, slots[span.last - 1].end
-                span.state = {name: flat[start:end] for name, flat in span.bucket.state.items()}
+            span.slice_state(self.group_names[span.group])
 
     def _group_ranges(self, bucket: FlatBucket) -> list[GroupRange]:
         ranges: list[GroupRange] = []
@@ -580,10 +659,13 @@ class Layout:
         for index in range(1, len(slots) + 1):
             if index == len(slots) or slots[index].group != slots[first].group:
                 start, end = slots[first].offset, slots[index - 1].end
-                state = {name: flat[start:end] for name, flat in bucket.state.items()}
-                ranges.append(GroupRange(slots[first].group, bucket, first, index, bucket.params[start:end], state))
+                ranges.append(GroupRange(slots[first].group, bucket, first, index, bucket.params[start:end]))
                 first = index
         return ranges
+
+    @staticmethod
+    def _range_all_slots(span: GroupRange) -> list[Slot]:
+        return span.bucket.plan.slots[span.first : span.last]
 
     @staticmethod
     def _range_slots(span: GroupRange) -> tuple[Slot, ...]:
@@ -603,6 +685,16 @@ class Layout:
         for name in self.state_names:
             if values.get(name) is not None:
                 self._check_state(slot, name, values[name])
+        for name in self.scalar_names:
+            if values.get(name) is not None:
+                self._check_scalar(slot, name, values[name])
+
+    @staticmethod
+    def _check_scalar(slot: Slot, name: str, value: Any) -> None:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric and not (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()):
+            got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InvalidParameterError(f"state '{name}' of {slot.describe()} is {got}, expected a number")
 
     @staticmethod
     def _check_state(slot: Slot, name: str, value: Any) -> None:
@@ -616,3 +708,6 @@ class Layout:
         for name in self.state_names:
             if values.get(name) is not None:
                 values[name] = bucket.bind_state(name, slot, values[name])
+        for name in self.scalar_names:
+            if values.get(name) is not None:
+                values[name] = bucket.bind_scalar(name, slot.position, values[name])

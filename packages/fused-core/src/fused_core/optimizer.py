@@ -64,6 +64,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     hyperparameters: ClassVar[type[BaseModel]]
     kernel: ClassVar[str]
     state_names: ClassVar[tuple[str, ...]] = ()
+    scalar_state_names: ClassVar[tuple[str, ...]] = ()
     plugin: ClassVar[str | None] = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
@@ -96,10 +97,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 watch_params(group)
 
     # ----- what plugins may override -------------------------------------
-    def initializes_state(self, group: dict[str, Any]) -> bool:
-        """Whether a first step with these hyperparameters initialises the state buffers
-        (SGD: only when momentum != 0, as torch.optim.SGD)."""
-        return True
+    def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state a parameter of this param group keeps, in the order torch's state_dict lists it:
+        names from :attr:`scalar_state_names` and :attr:`state_names`. Default: all of them. SGD
+        keeps ``momentum_buffer`` only when momentum != 0, Adam ``max_exp_avg_sq`` only with
+        amsgrad, as torch. Read at every step: a group whose names change is honoured at the next."""
+        return self.scalar_state_names + self.state_names
 
     def converted_scalars(self, group: dict[str, Any]) -> dict[str, float]:
         """The hyperparameter values (by the name error messages give them) that the torch
@@ -266,7 +269,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 kernel=self.kernel,
                 state_names=self.state_names,
                 registry=registry.kernels,
-                initializes_state=self.initializes_state,
+                names_for=self.state_names_for,
+                scalar_names=self.scalar_state_names,
             )
             if previous is not None:
                 previous.release(layout, self.state)

@@ -9,9 +9,11 @@ and change nothing (the step is always fused); ``differentiable`` must be False.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationInfo, field_validator
+from typing import Annotated
 
-from fused_core.hyperparams import LearningRate, NonNegativeReal, Real
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, ValidationInfo, field_validator
+
+from fused_core.hyperparams import LearningRate, NonNegativeReal, Real, unsupported_if_true
 
 
 class SGDHyperparams(BaseModel):
@@ -24,7 +26,10 @@ class SGDHyperparams(BaseModel):
     nesterov: StrictBool = False
     maximize: StrictBool = False
     foreach: StrictBool | None = None
-    differentiable: StrictBool = False
+    differentiable: Annotated[
+        StrictBool,
+        AfterValidator(unsupported_if_true("autograd through the step", "torch.optim.SGD(differentiable=True)")),
+    ] = False
     fused: StrictBool | None = None
 
     @field_validator("nesterov")
@@ -39,12 +44,3 @@ class SGDHyperparams(BaseModel):
                 f"(got momentum={momentum}, dampening={dampening})"
             )
         return nesterov
-
-    @field_validator("differentiable")
-    @classmethod
-    def _no_autograd_through_the_step(cls, differentiable: bool) -> bool:
-        if differentiable:
-            raise ValueError(
-                "fused optimizers do not support autograd through the step; use torch.optim.SGD(differentiable=True)"
-            )
-        return differentiable

@@ -49,7 +49,15 @@ from typing import Any
 
 import torch
 
-from fused_core.kernels import LOW_PRECISION, GradSegments, Launcher, as_float, in_fp32_chunks, launcher_agrees
+from fused_core.kernels import (
+    LOW_PRECISION,
+    GradSegments,
+    Launcher,
+    RunInfo,
+    as_float,
+    in_fp32_chunks,
+    launcher_agrees,
+)
 from fused_core.native import NativeLibrary, load_library
 
 
@@ -79,9 +87,10 @@ def sgd_composite(
     grads: torch.Tensor,
     state: Mapping[str, torch.Tensor],
     hp: Mapping[str, Any],
-    first_step: bool,
+    run: RunInfo,
 ) -> None:
     """SGD from torch ops; low-precision slices go through fp32 chunk by chunk."""
+    first_step = run.first_step
     in_fp32_chunks(lambda p, g, b: _update(p, g, b, hp, first_step), params, grads, _momentum_buffer(state, hp))
 
 
@@ -107,10 +116,10 @@ def sgd_native_fused(
     grads: torch.Tensor,
     state: Mapping[str, torch.Tensor],
     hp: Mapping[str, Any],
-    first_step: bool,
+    run: RunInfo,
 ) -> None:
     """One call of torch's fused SGD op over the whole slice."""
-    _fused_op(params, grads, _momentum_buffer(state, hp), hp, first_step)
+    _fused_op(params, grads, _momentum_buffer(state, hp), hp, run.first_step)
 
 
 def sgd_native_fused_fp32_chunks(
@@ -118,9 +127,10 @@ def sgd_native_fused_fp32_chunks(
     grads: torch.Tensor,
     state: Mapping[str, torch.Tensor],
     hp: Mapping[str, Any],
-    first_step: bool,
+    run: RunInfo,
 ) -> None:
     """fp16/bf16 slices through torch's fp32 fused op, chunk by chunk."""
+    first_step = run.first_step
     in_fp32_chunks(lambda p, g, b: _fused_op(p, g, b, hp, first_step), params, grads, _momentum_buffer(state, hp))
 
 
@@ -174,9 +184,9 @@ def c_flat_launcher(library: NativeLibrary) -> Launcher:
         grads: torch.Tensor,
         state: Mapping[str, torch.Tensor],
         hyperparams: Mapping[str, Any],
-        first_step: bool,
+        run: RunInfo,
     ) -> None:
-        _c_call(library, params, state, GradSegments.whole(grads, initialized=not first_step), hyperparams)
+        _c_call(library, params, state, GradSegments.whole(grads, initialized=not run.first_step), hyperparams)
 
     return launcher
 
@@ -225,7 +235,7 @@ def sgd_c_flat(
     grads: torch.Tensor,
     state: Mapping[str, torch.Tensor],
     hp: Mapping[str, Any],
-    first_step: bool,
+    run: RunInfo,
 ) -> None:
     """Flat launcher: CPU slices through the C kernel, as one slot, on ``torch.get_num_threads()`` threads."""
     for tensor in (grads, *state.values()):
@@ -233,7 +243,7 @@ def sgd_c_flat(
             raise ValueError("sgd_c_flat takes contiguous CPU slices of one dtype")
         if tensor.numel() != params.numel():
             raise ValueError("sgd_c_flat takes slices of one length")
-    _c_call(c_library(), params, state, GradSegments.whole(grads, initialized=not first_step), hp)
+    _c_call(c_library(), params, state, GradSegments.whole(grads, initialized=not run.first_step), hp)
 
 
 def c_flat_serves(device: torch.device, dtype: torch.dtype) -> bool:

@@ -88,9 +88,9 @@ class FusedSGD(FusedOptimizer):
             group.setdefault("fused", False)
         super().__setstate__(state)
 
-    def initializes_state(self, group: dict[str, Any]) -> bool:
+    def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         """As torch.optim.SGD: momentum buffers exist only once a step ran with momentum != 0."""
-        return group["momentum"] != 0
+        return self.state_names if group["momentum"] != 0 else ()
 
     def converted_scalars(self, group: dict[str, Any]) -> dict[str, float]:
         """What torch.optim.SGD's step passes as ``alpha`` and so converts to the parameters' dtype:
