@@ -1,6 +1,6 @@
 """Test orchestration: one session per package, each in its own virtualenv.
 
-`nox` runs the default sessions: every package's tests (`core`, `sgd`, `distributed`, `testing`,
+`nox` runs the default sessions: every package's tests (`core`, `sgd`, `adam`, `distributed`, `testing`,
 `cli`), `lint`, then `docs`, the site (its HTML goes to `.nox/docs/tmp/site`).
 
 torch is installed once, not once per session. The session `torch` (every other session
@@ -44,11 +44,12 @@ nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_existing_virtualenvs = False
 # The docs toolchain (mkdocstrings 1.0, mkdocstrings-python 2) needs Python 3.11+: on 3.10 the
 # docs are not a default session (CI builds them on 3.11), rather than a skipped one.
-nox.options.sessions = ["core", "sgd", "distributed", "testing", "cli", "lint"]
+nox.options.sessions = ["core", "sgd", "adam", "distributed", "testing", "cli", "lint"]
 nox.options.sessions += ["docs"] if sys.version_info >= (3, 11) else []
 
 TORCH = os.environ.get("FUSED_OPTIM_TORCH", "torch==2.13.0")
 CORE, SGD, TESTING = "./packages/fused-core", "./packages/fused-sgd", "./packages/testing-utils"
+ADAM = "./packages/fused-adam"
 CLI = "./packages/fused-optim"
 # Installed with pytest where the tests import torch and no installed package declares numpy:
 # torch warns "Failed to initialize NumPy" without it.
@@ -171,6 +172,13 @@ def sgd(session: nox.Session) -> None:
 
 
 @nox.session(**WITH_SHARED_TORCH)
+def adam(session: nox.Session) -> None:
+    """fused-adam's tests: the conformance suite against torch.optim.Adam/AdamW, the C kernel's bits."""
+    install(session, ADAM, TESTING, NUMPY)
+    session.run("pytest", "-q", "packages/fused-adam/tests", *session.posargs)
+
+
+@nox.session(**WITH_SHARED_TORCH)
 def distributed(session: nox.Session) -> None:
     """FusedSGD under torch.distributed with real processes (gloo on the CPU, 2 and 4 ranks, loopback only):
     DDP, ZeroRedundancyOptimizer, fused_core.distributed.all_reduce_grads, torch.distributed.checkpoint, FSDP2."""
@@ -204,10 +212,15 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(**WITH_SHARED_TORCH)
 def lint(session: nox.Session) -> None:
-    """ruff over the tree, and mypy over the public API of fused_core and fused_sgd."""
-    install(session, SGD, "ruff>=0.6", "mypy>=1.10")
+    """ruff over the tree, and mypy over the public API of fused_core, fused_sgd and fused_adam."""
+    install(session, SGD, ADAM, "ruff>=0.6", "mypy>=1.10")
     session.run("ruff", "check", ".")
-    session.run("mypy", "packages/fused-core/src/fused_core", "packages/fused-sgd/src/fused_sgd")
+    session.run(
+        "mypy",
+        "packages/fused-core/src/fused_core",
+        "packages/fused-sgd/src/fused_sgd",
+        "packages/fused-adam/src/fused_adam",
+    )
 
 
 @nox.session(**WITH_SHARED_TORCH)
@@ -215,7 +228,7 @@ def docs(session: nox.Session) -> None:
     """The documentation site, built with `mkdocs build --strict` (a broken link, anchor, snippet or
     docstring reference fails) into .nox/docs/tmp/site, then the scripts in docs/examples that its
     pages show. To read it: `python3 -m http.server -d .nox/docs/tmp/site`, http://127.0.0.1:8000/."""
-    install(session, SGD, CLI, *DOCS_TOOLS)
+    install(session, SGD, ADAM, CLI, *DOCS_TOOLS)
     site = os.path.join(session.create_tmp(), "site")
     session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
     session.run("pytest", "-q", "docs/examples")

@@ -1,0 +1,353 @@
+/* Adam and AdamW over the slots of a flat buffer, each slot's gradient read where it lies.
+ *
+ * Per element, with p, g, m, v, mx the parameter, gradient, exp_avg, exp_avg_sq and
+ * max_exp_avg_sq (fp16/bf16 loaded to fp32 by fused_half.h; fp64 computed in double), the
+ * operations of torch 2.13's torch.optim.Adam/AdamW(foreach=False) (the non-capturable
+ * _single_tensor_adam), each rounded where ATen's CPU kernel rounds it. "fma(a, x, y)" is a*x + y
+ * rounded once: ATen's add(alpha=), lerp and addcmul are fused multiply-adds (in their vectorised
+ * loops and their scalar tails alike), addcdiv and the division by a Python float are not:
+ *
+ *     g  = -g                                   maximize        grad = -grad (its sign bit flipped)
+ *     p  = p * decay                            AdamW, wd != 0  param.mul_(1 - lr * wd)
+ *     g  = fma(p, wd, g)                        Adam,  wd != 0  grad.add(param, alpha=wd)
+ *     m  = fma(w, g - m, m)      if |w| < 0.5,  w = 1 - beta1   exp_avg.lerp_(grad, w)
+ *          fma(w - 1, g - m, g)  otherwise
+ *     v  = fma(c2 * g, g, v * beta2)            c2 = 1 - beta2  exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=c2)
+ *     mx = maximum(mx, v), NaN if either is     amsgrad         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=...)
+ *     d  = SQRT(amsgrad ? mx : v) / bc2_sqrt + eps              (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+ *     p  = p + (-step_size * m) / d                             param.addcdiv_(exp_avg, denom, value=-step_size)
+ *
+ * SQRT is torch's CPU sqrt: where torch is built with MKL (x86-64 Linux and Windows wheels), ATen's
+ * vml.h computes it with MKL's vmsSqrt/vmdSqrt(VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is
+ * not correctly rounded (one result in 130 to 150 is 1 ulp off sqrt() on an AVX-512 CPU). The kernel
+ * calls the very functions, found in the loaded libtorch_cpu (or its dependencies), on blocks of
+ * BLOCK values, with MKL sequential on its threads; where they are not there (torch without MKL) it
+ * uses sqrt(), which is what ATen's Vectorized<T>::sqrt computes. NaN payloads are not reproduced
+ * (torch's own differ between its vectorised loops and their scalar tails).
+ *
+ * The scalars, for a slot at step t (the count after this step's increment, as torch uses it), are
+ * computed in double as Python computes them:
+ *
+ *     bc1 = 1 - beta1**t,  bc2 = 1 - beta2**t,  bc2_sqrt = pow(bc2, 0.5)   (Python's bc2 ** 0.5)
+ *     step_size = lr / bc1,  decay = 1 - lr * wd
+ *
+ * except where lr is a float32 tensor (lr_single): torch then computes these two as float32 tensor
+ * ops, step_size = (float)lr / (float)bc1 and decay = 1.0f - (float)lr * (float)wd, each operation
+ * rounded to float. Each scalar is then converted to the compute type as ATen converts a Scalar
+ * argument: (float)(1 - beta1), (float)(1 - beta2), (float)-step_size, ... in fp32.
+ *
+ * Slots whose state is not initialised (initialized[i] == 0) start from torch's zero state: their
+ * ranges of m, v and mx are zeroed (piece by piece, just before the update reads them back from
+ * cache), never read before; they are then marked initialized[i] = 2, and the return value counts
+ * them (-1: out of memory). fp16/bf16 use the fp32 arithmetic above and round p, m, v and mx (to
+ * nearest even) once per step.
+ *
+ * Slot i occupies param[offsets[i] : offsets[i] + numels[i]] (and the same range of each state
+ * buffer); its gradient is the dense array at grad_ptrs[i], with the parameter's memory order.
+ * Slots with has_grad[i] == 0 are skipped. steps[i] is the slot's step count t (the caller
+ * increments it).
+ *
+ * The elements of all slots with a gradient are split into pieces of PIECE elements, run on
+ * `threads` OpenMP threads (torch's own libgomp, see fused_core.native), taken dynamically, as in
+ * fused-sgd's sgd.c. Memory is crossed once: p, g, m, v (mx) read, p, m, v (mx) written; within a
+ * block of BLOCK elements, a first loop updates the state and leaves p, m and the sqrt argument in
+ * small fp32/fp64 scratch arrays (in L1), the square roots are taken, a second loop updates p; the
+ * next blocks' cache lines are prefetched meanwhile. Built with -ffp-contract=off (no fusing but the
+ * explicit fma calls) and -fno-math-errno (so that the fallback sqrt vectorises; the bits are the
+ * same without it); every flag set of fused_core.native gives the same bits.
+ */
+#include <dlfcn.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fused_half.h"
+
+#define PIECE 32768
+#define BLOCK 256
+#define PREFETCH_AHEAD (2 * BLOCK)
+
+/* ------------------------------------------------------------------------------------------------
+ * The square root: MKL's, as ATen's, where torch has it. */
+
+typedef void (*vml_sqrt_f32)(int n, const float *a, float *r, int64_t mode);
+typedef void (*vml_sqrt_f64)(int n, const double *a, double *r, int64_t mode);
+#define VML_MODE (0x2 | 0x140000 | 0x100) /* VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, ATen's vml.h */
+
+typedef int (*mkl_threads_fn)(int n);
+
+static vml_sqrt_f32 mkl_sqrt_f32;
+static vml_sqrt_f64 mkl_sqrt_f64;
+static mkl_threads_fn mkl_set_threads_local;
+static int sqrt_resolved;
+
+/* Looks MKL's vmsSqrt/vmdSqrt (LP64, as ATen calls them) and MKL_Set_Num_Threads_Local (the C
+ * interface; the lower-case name is Fortran's, which takes a pointer) up in the loaded
+ * libtorch_cpu, once. Racing callers store the same values. */
+static void resolve_sqrt(void) {
+    if (__atomic_load_n(&sqrt_resolved, __ATOMIC_ACQUIRE)) return;
+    void *torch = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD); /* kept open: torch stays loaded */
+    void *f32 = torch ? dlsym(torch, "vmsSqrt") : 0, *f64 = torch ? dlsym(torch, "vmdSqrt") : 0;
+    void *threads = torch ? dlsym(torch, "MKL_Set_Num_Threads_Local") : 0;
+    if (f32 != 0 && f64 != 0 && threads != 0) {
+        __atomic_store_n(&mkl_sqrt_f32, (vml_sqrt_f32)f32, __ATOMIC_RELAXED);
+        __atomic_store_n(&mkl_sqrt_f64, (vml_sqrt_f64)f64, __ATOMIC_RELAXED);
+        __atomic_store_n(&mkl_set_threads_local, (mkl_threads_fn)threads, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&sqrt_resolved, 1, __ATOMIC_RELEASE);
+}
+
+/* MKL sequential on this thread until mkl_threads_restore: called on an OpenMP thread after
+ * torch.set_num_threads (which turns MKL's dynamic threading off), each MKL call opens a nested
+ * parallel region, ~1 us, longer than the square roots of a block. Returns the previous setting. */
+static int mkl_sequential(void) { return mkl_set_threads_local != 0 ? mkl_set_threads_local(1) : 0; }
+static void mkl_threads_restore(int previous) {
+    if (mkl_set_threads_local != 0) mkl_set_threads_local(previous); /* 0: MKL's global setting */
+}
+
+/* 1 where the kernels take MKL's square roots (torch built with MKL), 0 where sqrt()'s. */
+int adam_sqrt_is_mkl(void) {
+    resolve_sqrt();
+    return mkl_sqrt_f32 != 0;
+}
+
+static void sqrt_block_f32(const float *restrict x, float *restrict r, int64_t n) {
+    if (mkl_sqrt_f32 != 0) mkl_sqrt_f32((int)n, x, r, VML_MODE);
+    else for (int64_t i = 0; i < n; i++) r[i] = sqrtf(x[i]);
+}
+
+static void sqrt_block_f64(const double *restrict x, double *restrict r, int64_t n) {
+    if (mkl_sqrt_f64 != 0) mkl_sqrt_f64((int)n, x, r, VML_MODE);
+    else for (int64_t i = 0; i < n; i++) r[i] = sqrt(x[i]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The update. */
+
+/* Asks for the cache lines of `bytes` bytes of each array: the block PREFETCH_AHEAD elements on,
+ * so that memory keeps streaming while a block's second loop computes (the hardware prefetchers
+ * idle then; 20% faster on one core). */
+FUSED_INLINE void prefetch(const void *param, const void *grad, const void *exp_avg, const void *exp_avg_sq,
+                           const void *max_exp_avg_sq, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) {
+        __builtin_prefetch((const char *)param + b, 1);
+        __builtin_prefetch((const char *)grad + b, 0);
+        __builtin_prefetch((const char *)exp_avg + b, 1);
+        __builtin_prefetch((const char *)exp_avg_sq + b, 1);
+        if (max_exp_avg_sq != 0) __builtin_prefetch((const char *)max_exp_avg_sq + b, 1);
+    }
+}
+
+enum weight_decay_mode { WD_NONE, WD_L2, WD_DECOUPLED };
+
+struct adam_hyper {
+    double lr, beta1, beta2, eps, wd;
+    int decoupled, maximize, lr_single, amsgrad;
+};
+
+/* The scalars of one step, in double, before their conversion to the compute type. */
+struct adam_scalars {
+    double lerp_weight, c2, beta2, wd, decay, bc2_sqrt, eps, neg_step_size;
+};
+
+static struct adam_scalars adam_scalars(const struct adam_hyper *h, double step) {
+    double bc1 = 1.0 - pow(h->beta1, step), bc2 = 1.0 - pow(h->beta2, step);
+    struct adam_scalars s;
+    s.lerp_weight = 1.0 - h->beta1;
+    s.c2 = 1.0 - h->beta2;
+    s.beta2 = h->beta2;
+    s.wd = h->wd;
+    s.eps = h->eps;
+    s.bc2_sqrt = pow(bc2, 0.5); /* Python's bc2 ** 0.5 is pow(), not sqrt() */
+    if (h->lr_single) {         /* lr / bc1 and 1 - lr * wd as float32 tensor ops */
+        float lr = (float)h->lr;
+        s.neg_step_size = -(double)(lr / (float)bc1);
+        s.decay = (double)(1.0f - lr * (float)h->wd);
+    } else {
+        s.neg_step_size = -(h->lr / bc1);
+        s.decay = 1.0 - h->lr * h->wd;
+    }
+    return s;
+}
+
+/* maximize and lerp's branch without loops of their own: g's sign bit flipped under a mask (exactly
+ * torch's neg), lerp's base picked by a mask (both of its branches are fma(coef, g - m, base)). */
+FUSED_INLINE float flip_f32(float x, uint32_t sign) { return fused_bits_to_f32(fused_f32_to_bits(x) ^ sign); }
+FUSED_INLINE float pick_f32(uint32_t mask, float a, float b) {
+    return fused_bits_to_f32((fused_f32_to_bits(a) & mask) | (fused_f32_to_bits(b) & ~mask));
+}
+FUSED_INLINE uint64_t f64_bits(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
+FUSED_INLINE double bits_f64(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
+FUSED_INLINE double flip_f64(double x, uint64_t sign) { return bits_f64(f64_bits(x) ^ sign); }
+FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
+    return bits_f64((f64_bits(a) & mask) | (f64_bits(b) & ~mask));
+}
+
+/* One step over n elements, computed in type C (U: its bits; SQRT_BLOCK: its block square root),
+ * stored as T. NAME##_state is the first loop of a block: it updates and stores the state and leaves
+ * the (decayed) p, m and the sqrt argument in C scratch arrays; its weight decay and amsgrad flags
+ * are compile-time constants in each call (ADAM_DISPATCH), so that every combination is its own
+ * branch-free loop, which vectorises. */
+#define DEFINE_UPDATE(NAME, T, C, U, FMA, FLIP, PICK, SQRT_BLOCK, LOAD, STORE)                            \
+    FUSED_INLINE void NAME##_state(const T *restrict param, const T *restrict grad, T *restrict exp_avg,  \
+                                   T *restrict exp_avg_sq, T *restrict max_exp_avg_sq, int64_t n,         \
+                                   const C *restrict k, const U sign, const U lerp_base_is_m,             \
+                                   C *restrict p_out, C *restrict m_out, C *restrict root_arg,            \
+                                   const int wd_mode, const int amsgrad) {                                \
+        const C coef = k[0], c2 = k[1], beta2 = k[2], wd = k[3], decay = k[4];                            \
+        for (int64_t i = 0; i < n; i++) {                                                                 \
+            C p = LOAD(param[i]);                                                                         \
+            C g = FLIP(LOAD(grad[i]), sign);                                                              \
+            if (wd_mode == WD_DECOUPLED) p = p * decay;                                                   \
+            if (wd_mode == WD_L2) g = FMA(p, wd, g);                                                      \
+            C m = LOAD(exp_avg[i]), v = LOAD(exp_avg_sq[i]);                                              \
+            m = FMA(coef, g - m, PICK(lerp_base_is_m, m, g));                                             \
+            v = FMA(c2 * g, g, v * beta2);                                                                \
+            exp_avg[i] = STORE(m);                                                                        \
+            exp_avg_sq[i] = STORE(v);                                                                     \
+            if (amsgrad) {                                                                                \
+                C mx = LOAD(max_exp_avg_sq[i]);                                                           \
+                mx = (mx != mx || v != v) ? (C)NAN : mx > v ? mx : v;                                     \
+                max_exp_avg_sq[i] = STORE(mx);                                                            \
+                v = mx;                                                                                   \
+            }                                                                                             \
+            p_out[i] = p;                                                                                 \
+            m_out[i] = m;                                                                                 \
+            root_arg[i] = v;                                                                              \
+        }                                                                                                 \
+    }                                                                                                     \
+    static void NAME(T *param, const T *grad, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, int64_t n,    \
+                     const struct adam_hyper *h, const struct adam_scalars *s) {                          \
+        const C w = (C)s->lerp_weight;                                                                    \
+        const int small = fabs((double)w) < 0.5; /* ATen's lerp: |weight| < 0.5, weight in C */          \
+        const C k[5] = {small ? w : w - (C)1, (C)s->c2, (C)s->beta2, (C)s->wd, (C)s->decay};              \
+        const U sign = h->maximize ? (U)1 << (8 * sizeof(U) - 1) : 0, lerp_base_is_m = small ? ~(U)0 : 0; \
+        const C bc2_sqrt = (C)s->bc2_sqrt, eps = (C)s->eps, neg_step_size = (C)s->neg_step_size;          \
+        const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2;                 \
+        C p[BLOCK], m[BLOCK], arg[BLOCK], root[BLOCK];                                                    \
+        for (int64_t at = 0; at < n; at += BLOCK) {                                                       \
+            int64_t count = n - at < BLOCK ? n - at : BLOCK, ahead = at + PREFETCH_AHEAD;                 \
+            if (ahead + BLOCK <= n)                                                                       \
+                prefetch(param + ahead, grad + ahead, exp_avg + ahead, exp_avg_sq + ahead,                \
+                         max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + ahead, BLOCK * (int64_t)sizeof(T));   \
+            ADAM_DISPATCH(NAME##_state,                                                                   \
+                          (param + at, grad + at, exp_avg + at, exp_avg_sq + at,                          \
+                           max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + at, count, k, sign, lerp_base_is_m, \
+                           p, m, arg),                                                                    \
+                          wd_mode, h->amsgrad);                                                           \
+            SQRT_BLOCK(arg, root, count);                                                                 \
+            T *out = param + at;                                                                          \
+            for (int64_t i = 0; i < count; i++) out[i] = STORE(p[i] + neg_step_size * m[i] / (root[i] / bc2_sqrt + eps)); \
+        }                                                                                                 \
+    }
+
+/* F(ARGS..., wd_mode, amsgrad) with each flag a literal constant. */
+#define ADAM_CALL(F, ARGS, ...) F(ADAM_UNPACK ARGS, __VA_ARGS__)
+#define ADAM_UNPACK(...) __VA_ARGS__
+#define ADAM_AMS(F, ARGS, WD, amsgrad) \
+    do { if (amsgrad) ADAM_CALL(F, ARGS, WD, 1); else ADAM_CALL(F, ARGS, WD, 0); } while (0)
+#define ADAM_DISPATCH(F, ARGS, wd_mode, amsgrad)                                  \
+    do {                                                                           \
+        if (wd_mode == WD_L2) ADAM_AMS(F, ARGS, WD_L2, amsgrad);                   \
+        else if (wd_mode == WD_DECOUPLED) ADAM_AMS(F, ARGS, WD_DECOUPLED, amsgrad); \
+        else ADAM_AMS(F, ARGS, WD_NONE, amsgrad);                                  \
+    } while (0)
+
+FUSED_INLINE float same_f32(float x) { return x; }
+FUSED_INLINE double same_f64(double x) { return x; }
+
+DEFINE_UPDATE(update_f32, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrt_block_f32, same_f32, same_f32)
+DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, sqrt_block_f64, same_f64, same_f64)
+DEFINE_UPDATE(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrt_block_f32, fused_load_bf16,
+              fused_store_bf16)
+
+/* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
+static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
+                        uint16_t *max_exp_avg_sq, int64_t n, const struct adam_hyper *h,
+                        const struct adam_scalars *s) {
+    float p[BLOCK], g[BLOCK], m[BLOCK], v[BLOCK], mx[BLOCK];
+    int amsgrad = max_exp_avg_sq != 0;
+    for (int64_t at = 0; at < n; at += BLOCK) {
+        int64_t count = n - at < BLOCK ? n - at : BLOCK, ahead = at + PREFETCH_AHEAD;
+        if (ahead + BLOCK <= n)
+            prefetch(param + ahead, grad + ahead, exp_avg + ahead, exp_avg_sq + ahead,
+                     amsgrad ? max_exp_avg_sq + ahead : 0, BLOCK * (int64_t)sizeof(uint16_t));
+        fused_fp16_to_f32(param + at, p, count);
+        fused_fp16_to_f32(grad + at, g, count);
+        fused_fp16_to_f32(exp_avg + at, m, count);
+        fused_fp16_to_f32(exp_avg_sq + at, v, count);
+        if (amsgrad) fused_fp16_to_f32(max_exp_avg_sq + at, mx, count);
+        update_f32(p, g, m, v, amsgrad ? mx : 0, count, h, s);
+        fused_f32_to_fp16(p, param + at, count);
+        fused_f32_to_fp16(m, exp_avg + at, count);
+        fused_f32_to_fp16(v, exp_avg_sq + at, count);
+        if (amsgrad) fused_f32_to_fp16(mx, max_exp_avg_sq + at, count);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The driver: pieces of PIECE elements over the concatenation of the slots that have a gradient. */
+#define DEFINE_SEGMENTS(NAME, T, UPDATE)                                                                    \
+    int64_t NAME(T *param, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, const double *steps,               \
+                 const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets,                  \
+                 const int64_t *numels, uint8_t *initialized, int64_t slots, double lr, double beta1,       \
+                 double beta2, double eps, double weight_decay, int decoupled, int maximize, int lr_single, \
+                 int threads) {                                                                             \
+        struct adam_hyper h = {lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_single,          \
+                               max_exp_avg_sq != 0};                                                         \
+        resolve_sqrt();                                                                                    \
+        int64_t *starts = malloc((size_t)(slots + 1) * sizeof(int64_t));                                   \
+        if (starts == 0) return -1;                                                                        \
+        starts[0] = 0;                                                                                     \
+        for (int64_t i = 0; i < slots; i++) starts[i + 1] = starts[i] + (has_grad[i] ? numels[i] : 0);      \
+        int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
+        _Pragma("omp parallel num_threads(threads) if(pieces > 1 && threads > 1)")                           \
+        {                                                                                                  \
+        int mkl_threads = mkl_sequential();                                                                \
+        _Pragma("omp for schedule(dynamic, 1)")                                                            \
+        for (int64_t k = 0; k < pieces; k++) {                                                             \
+            int64_t from = k * PIECE, to = from + PIECE < total ? from + PIECE : total;                    \
+            int64_t lo = 0, hi = slots; /* the slot holding element `from`: last i with starts[i] <= from */ \
+            while (hi - lo > 1) {                                                                          \
+                int64_t mid = (lo + hi) / 2;                                                               \
+                if (starts[mid] <= from) lo = mid; else hi = mid;                                          \
+            }                                                                                              \
+            for (int64_t i = lo; i < slots && starts[i] < to; i++) {                                       \
+                if (!has_grad[i] || numels[i] == 0) continue;                                              \
+                /* Slots whose parameters and gradients both lie back to back, at the same step and   \
+                   with the same initialisation, run as one segment. */                                \
+                int64_t j = i;                                                                             \
+                while (j + 1 < slots && starts[j + 1] < to && has_grad[j + 1] &&                           \
+                       offsets[j + 1] == offsets[j] + numels[j] &&                                         \
+                       grad_ptrs[j + 1] == grad_ptrs[j] + numels[j] * (int64_t)sizeof(T) &&               \
+                       initialized[j + 1] == initialized[i] && steps[j + 1] == steps[i])                   \
+                    j++;                                                                                   \
+                int64_t a = from > starts[i] ? from - starts[i] : 0;                                       \
+                int64_t b = (to < starts[j + 1] ? to : starts[j + 1]) - starts[i];                         \
+                const T *grad = (const T *)(intptr_t)grad_ptrs[i];                                         \
+                T *m = exp_avg + offsets[i] + a, *v = exp_avg_sq + offsets[i] + a;                         \
+                T *mx = max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + offsets[i] + a;                         \
+                if (!initialized[i]) { /* torch's zero state, read back from cache by the update */     \
+                    memset(m, 0, (size_t)(b - a) * sizeof(T));                                             \
+                    memset(v, 0, (size_t)(b - a) * sizeof(T));                                             \
+                    if (mx != 0) memset(mx, 0, (size_t)(b - a) * sizeof(T));                               \
+                }                                                                                          \
+                struct adam_scalars s = adam_scalars(&h, steps[i]);                                        \
+                UPDATE(param + offsets[i] + a, grad + a, m, v, mx, b - a, &h, &s);                         \
+                i = j;                                                                                     \
+            }                                                                                              \
+        }                                                                                                  \
+        mkl_threads_restore(mkl_threads);                                                                  \
+        }                                                                                                  \
+        free(starts);                                                                                      \
+        int64_t started = 0;                                                                               \
+        for (int64_t i = 0; i < slots; i++)                                                                \
+            if (has_grad[i] && !initialized[i]) { initialized[i] = 2; started++; }                         \
+        return started;                                                                                    \
+    }
+
+DEFINE_SEGMENTS(adam_segments_f32, float, update_f32)
+DEFINE_SEGMENTS(adam_segments_f64, double, update_f64)
+DEFINE_SEGMENTS(adam_segments_bf16, uint16_t, update_bf16)
+DEFINE_SEGMENTS(adam_segments_fp16, uint16_t, update_fp16)
