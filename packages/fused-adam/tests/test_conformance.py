@@ -74,7 +74,7 @@ class TestNpuFusedAdamConformance(OptimizerConformance):
 
     optimizer_cls = NpuFusedAdam
     reference_cls = TORCH_ADAM
-    configs = {"wd": dict(lr=1e-2, weight_decay=1e-2), "amsgrad": dict(lr=5e-3, amsgrad=True)}
+    configs = {"amsgrad_wd": dict(lr=5e-3, weight_decay=1e-2, amsgrad=True)}
     zero_grad_set_to_none_default = False
     bad_hyperparameters = [*BAD, (dict(maximize=True), TypeError)]
     expected_failures = dtype_change(configs)
@@ -84,7 +84,7 @@ class TestNpuFusedAdamConformance(OptimizerConformance):
 class TestNpuFusedAdamWConformance(OptimizerConformance):
     optimizer_cls = NpuFusedAdamW
     reference_cls = TORCH_ADAMW
-    configs = {"wd": dict(lr=1e-2, weight_decay=1e-1), "amsgrad": dict(lr=5e-3, amsgrad=True)}
+    configs = {"amsgrad_wd": dict(lr=5e-3, weight_decay=1e-1, amsgrad=True)}
     zero_grad_set_to_none_default = False
     bad_hyperparameters = [*BAD, (dict(maximize=True), TypeError)]
     expected_failures = dtype_change(configs)

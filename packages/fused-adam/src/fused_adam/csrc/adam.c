@@ -63,6 +63,7 @@
 #include <string.h>
 
 #include "fused_half.h"
+#include "fused_segments.h"
 
 #define PIECE 32768
 #define BLOCK 256
@@ -297,10 +298,8 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
         struct adam_hyper h = {lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_single,          \
                                max_exp_avg_sq != 0};                                                         \
         resolve_sqrt();                                                                                    \
-        int64_t *starts = malloc((size_t)(slots + 1) * sizeof(int64_t));                                   \
+        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                   \
         if (starts == 0) return -1;                                                                        \
-        starts[0] = 0;                                                                                     \
-        for (int64_t i = 0; i < slots; i++) starts[i + 1] = starts[i] + (has_grad[i] ? numels[i] : 0);      \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
         _Pragma("omp parallel num_threads(threads) if(pieces > 1 && threads > 1)")                           \
         {                                                                                                  \
@@ -308,19 +307,13 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
         _Pragma("omp for schedule(dynamic, 1)")                                                            \
         for (int64_t k = 0; k < pieces; k++) {                                                             \
             int64_t from = k * PIECE, to = from + PIECE < total ? from + PIECE : total;                    \
-            int64_t lo = 0, hi = slots; /* the slot holding element `from`: last i with starts[i] <= from */ \
-            while (hi - lo > 1) {                                                                          \
-                int64_t mid = (lo + hi) / 2;                                                               \
-                if (starts[mid] <= from) lo = mid; else hi = mid;                                          \
-            }                                                                                              \
-            for (int64_t i = lo; i < slots && starts[i] < to; i++) {                                       \
+            for (int64_t i = fused_slot_at(starts, slots, from); i < slots && starts[i] < to; i++) {    \
                 if (!has_grad[i] || numels[i] == 0) continue;                                              \
                 /* Slots whose parameters and gradients both lie back to back, at the same step and   \
                    with the same initialisation, run as one segment. */                                \
                 int64_t j = i;                                                                             \
-                while (j + 1 < slots && starts[j + 1] < to && has_grad[j + 1] &&                           \
-                       offsets[j + 1] == offsets[j] + numels[j] &&                                         \
-                       grad_ptrs[j + 1] == grad_ptrs[j] + numels[j] * (int64_t)sizeof(T) &&               \
+                while (j + 1 < slots && starts[j + 1] < to &&                                              \
+                       fused_back_to_back(has_grad, offsets, numels, grad_ptrs, j, (int64_t)sizeof(T)) &&  \
                        initialized[j + 1] == initialized[i] && steps[j + 1] == steps[i])                   \
                     j++;                                                                                   \
                 int64_t a = from > starts[i] ? from - starts[i] : 0;                                       \
@@ -341,10 +334,7 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
         mkl_threads_restore(mkl_threads);                                                                  \
         }                                                                                                  \
         free(starts);                                                                                      \
-        int64_t started = 0;                                                                               \
-        for (int64_t i = 0; i < slots; i++)                                                                \
-            if (has_grad[i] && !initialized[i]) { initialized[i] = 2; started++; }                         \
-        return started;                                                                                    \
+        return fused_mark_started(has_grad, initialized, slots);                                           \
     }
 
 DEFINE_SEGMENTS(adam_segments_f32, float, update_f32)

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 
 #include "fused_half.h"
+#include "fused_segments.h"
 
 #define PIECE 32768
 #define FP16_BLOCK 128
@@ -98,28 +99,20 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf, in
                  const int64_t *numels, uint8_t *initialized, int64_t slots, double lr, double wd, double mom, \
                  double damp1, int nesterov, int maximize, int threads) {                                     \
         struct sgd_hyper h = {lr, wd, mom, damp1, nesterov, maximize};                                     \
-        int64_t *starts = malloc((size_t)(slots + 1) * sizeof(int64_t));                                   \
+        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                   \
         if (starts == 0) return -1;                                                                        \
-        starts[0] = 0;                                                                                     \
-        for (int64_t i = 0; i < slots; i++) starts[i + 1] = starts[i] + (has_grad[i] ? numels[i] : 0);      \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
         _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) if(pieces > 1 && threads > 1)")    \
         for (int64_t k = 0; k < pieces; k++) {                                                             \
             int64_t from = k * PIECE, to = from + PIECE < total ? from + PIECE : total;                    \
-            int64_t lo = 0, hi = slots; /* the slot holding element `from`: last i with starts[i] <= from */ \
-            while (hi - lo > 1) {                                                                          \
-                int64_t mid = (lo + hi) / 2;                                                               \
-                if (starts[mid] <= from) lo = mid; else hi = mid;                                          \
-            }                                                                                              \
-            for (int64_t i = lo; i < slots && starts[i] < to; i++) {                                       \
+            for (int64_t i = fused_slot_at(starts, slots, from); i < slots && starts[i] < to; i++) {    \
                 if (!has_grad[i] || numels[i] == 0) continue;                                              \
                 enum momentum_mode mode = buf == 0 ? NO_MOMENTUM : initialized[i] ? LATER_STEP : FIRST_STEP; \
                 /* Slots whose parameters and gradients both lie back to back (bound gradients) and    \
                    that take the same branch run as one segment. */                                   \
                 int64_t j = i;                                                                             \
-                while (j + 1 < slots && starts[j + 1] < to && has_grad[j + 1] &&                           \
-                       offsets[j + 1] == offsets[j] + numels[j] &&                                         \
-                       grad_ptrs[j + 1] == grad_ptrs[j] + numels[j] * (int64_t)sizeof(T) &&               \
+                while (j + 1 < slots && starts[j + 1] < to &&                                              \
+                       fused_back_to_back(has_grad, offsets, numels, grad_ptrs, j, (int64_t)sizeof(T)) &&  \
                        (buf == 0 || initialized[j + 1] == initialized[i]))                                 \
                     j++;                                                                                   \
                 int64_t a = from > starts[i] ? from - starts[i] : 0;                                       \
@@ -130,11 +123,7 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf, in
             }                                                                                              \
         }                                                                                                  \
         free(starts);                                                                                      \
-        int64_t started = 0;                                                                               \
-        if (buf != 0)                                                                                      \
-            for (int64_t i = 0; i < slots; i++)                                                            \
-                if (has_grad[i] && !initialized[i]) { initialized[i] = 2; started++; }                     \
-        return started;                                                                                    \
+        return buf == 0 ? 0 : fused_mark_started(has_grad, initialized, slots);                            \
     }
 
 DEFINE_SEGMENTS(sgd_segments_f32, float, update_f32)
