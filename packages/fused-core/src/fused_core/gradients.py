@@ -10,6 +10,17 @@ there is none, that it needs a copy (other strides than the parameter's), that i
 the parameter, or that the parameter itself moved. :class:`GradTable` holds those arrays for the
 slots of one bucket.
 
+Setting them all to None (``zero_grad()``) costs little more than that walk: the dropped
+gradients are destroyed (their TensorImpl, storage and memory freed: ~0.2-0.4 µs each, most of a
+``zero_grad()`` of many small tensors) on a background thread of the library, the *deferred
+release*, wherever that provably needs no Python: a plain CPU tensor made by torch's CPU allocator,
+without a Python object (as autograd's gradients are, until Python code reads ``p.grad``),
+referenced by nothing else. The others (a gradient assigned from Python or read from it, one a
+caller still holds, one from numpy) are dropped in the call, as ``p.grad = None`` drops them. At
+most :data:`RELEASE_CAP_BYTES` wait for that thread at any moment, and only gradients of at most
+:data:`RELEASE_MAX_TENSOR_BYTES`; beyond, they are destroyed in the call. Nothing else changes:
+``p.grad`` is None when the call returns, and a gradient someone still references stays as it was.
+
 Where the library is unavailable (no C++ compiler, torch without headers,
 ``FUSED_OPTIM_DISABLE_NATIVE``), :func:`library` is None and the layout reads ``.grad`` from Python.
 """
@@ -19,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,13 +42,39 @@ SOURCE = Path(__file__).with_name("csrc") / "grads.cpp"
 NO_GRAD, IN_PLACE, NEEDS_COPY, MISMATCH, MOVED = range(5)
 """The per-slot status codes of ``fused_read_grads`` (see ``csrc/grads.cpp``)."""
 
+RELEASE_CAP_ENV = "FUSED_OPTIM_RELEASE_CAP_MIB"
+"""MiB of dropped gradients that may wait for the background thread (default 64; 0: none)."""
+
+
+def _release_cap() -> int:
+    value = os.environ.get(RELEASE_CAP_ENV, "").strip()
+    if not value:
+        return 64 << 20
+    try:
+        mib = int(value)
+        if mib < 0:
+            raise ValueError(value)
+    except ValueError:
+        warnings.warn(f"{RELEASE_CAP_ENV}={value!r} is not a number of MiB >= 0; using 64", stacklevel=2)
+        return 64 << 20
+    return mib << 20
+
+
+RELEASE_CAP_BYTES = _release_cap()
+"""The most bytes of dropped gradients (their data, plus ~340 per tensor for its TensorImpl and
+storage) waiting for the background thread at any moment: 64 MiB, or ``$FUSED_OPTIM_RELEASE_CAP_MIB``
+MiB (0: every gradient is destroyed in the call)."""
+RELEASE_MAX_TENSOR_BYTES = 1 << 20
+"""A dropped gradient with more data than this (1 MiB) is destroyed in the call."""
 FLAG_SETS = (("-O2", "-std=c++17", "-fopenmp", "-w"), ("-O2", "-std=c++17", "-w"))
 _SIGNATURES: dict[str, Signature] = {
     "fused_read_grads": (
         ctypes.c_int64,
         [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int],
     ),
-    "fused_clear_grads": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64]),
+    "fused_clear_grads": (ctypes.c_int64, [ctypes.c_void_p] + [ctypes.c_int64] * 3),
+    "fused_release_pending": (None, [ctypes.c_void_p]),
+    "fused_release_wait": (ctypes.c_int64, []),
 }
 
 
@@ -70,21 +108,30 @@ def library() -> NativeLibrary | None:
 
 
 def reads_like_torch(lib: NativeLibrary) -> bool:
-    """Whether ``lib`` reads and clears ``.grad`` as torch sees it, on four probe parameters.
+    """Whether ``lib`` reads and clears ``.grad`` as torch sees it, on six probe parameters.
 
     Run by ``fused_core.native`` on every load: a build against other headers than the torch in
     this process would read the wrong fields. The probe has a gradient in place, none, one with
-    other strides (NEEDS_COPY) and a parameter that moved; clearing must leave every ``.grad`` None.
+    other strides (NEEDS_COPY) and a parameter that moved, all four assigned from Python: clearing
+    must leave every ``.grad`` None and hand none of them (they have Python objects) to the
+    background thread. Then two gradients made by autograd, one of them still held: clearing hands
+    at most the other to the thread, and the held one keeps its values.
     """
-    params = [torch.zeros(3, 4, requires_grad=True) for _ in range(4)]
+    with torch.inference_mode(False), torch.enable_grad():
+        params = [torch.zeros(3, 4, requires_grad=True) for _ in range(4)]
+        made = [torch.zeros(3, 4, requires_grad=True) for _ in range(2)]
+        torch.autograd.backward(made, [torch.full((3, 4), 2.0), torch.full((3, 4), 3.0)])
     params[0].grad = torch.ones(3, 4)
     params[2].grad = torch.ones(4, 3).t()
     params[3].grad = torch.ones(3, 4)
     ptrs, grad_ptr = [p.data_ptr() for p in params], params[0].grad.data_ptr()
     table = GradTable(lib, params, [*ptrs[:3], ptrs[3] + 4])
+    held = made[1].grad
     try:
         problems = table.read()
-        table.clear()
+        handed_python = table.clear()
+        handed_made = GradTable(lib, made, [p.data_ptr() for p in made]).clear()
+        lib.cdll.fused_release_wait()
     except RuntimeError:
         return False
     expected = [IN_PLACE, NO_GRAD, NEEDS_COPY, MOVED]
@@ -92,8 +139,30 @@ def reads_like_torch(lib: NativeLibrary) -> bool:
         problems == 2
         and table.status.tolist() == expected
         and table.ptrs.tolist() == [grad_ptr, 0, 0, 0]
-        and all(p.grad is None for p in params)
+        and all(p.grad is None for p in params + made)
+        and handed_python == 0
+        and handed_made in (0, 1)
+        and held is not None
+        and torch.equal(held, torch.full((3, 4), 3.0))
     )
+
+
+def release_pending(lib: NativeLibrary | None = None) -> tuple[int, int, int]:
+    """``(gradients, bytes, handed)``: the dropped gradients and bytes waiting for the background
+    thread now, and how many gradients it was handed in this process (zeros without the library)."""
+    lib = lib if lib is not None else library()
+    if lib is None:
+        return (0, 0, 0)
+    out = (ctypes.c_int64 * 3)()
+    lib.cdll.fused_release_pending(out)
+    return (out[0], out[1], out[2])
+
+
+def wait_for_release(lib: NativeLibrary | None = None) -> int:
+    """Returns once the background thread has destroyed every gradient handed to it (how many were
+    waiting): their memory is then back with the allocator. Never needed for correctness."""
+    lib = lib if lib is not None else library()
+    return 0 if lib is None else int(lib.cdll.fused_release_wait())
 
 
 class GradTable:
@@ -123,7 +192,10 @@ class GradTable:
             raise RuntimeError("fused_core's gradient reader failed; set FUSED_OPTIM_DISABLE_NATIVE=1 and report this")
         return int(problems)
 
-    def clear(self) -> None:
-        """``p.grad = None`` for every parameter of the table."""
-        if self._clear(self.impls.data_ptr(), len(self.params)) < 0:
+    def clear(self) -> int:
+        """``p.grad = None`` for every parameter of the table; returns how many of the dropped
+        gradients went to the background thread to be destroyed (see :data:`RELEASE_CAP_BYTES`)."""
+        handed = self._clear(self.impls.data_ptr(), len(self.params), RELEASE_CAP_BYTES, RELEASE_MAX_TENSOR_BYTES)
+        if handed < 0:
             raise RuntimeError("fused_core's gradient reader failed; set FUSED_OPTIM_DISABLE_NATIVE=1 and report this")
+        return int(handed)
