@@ -105,7 +105,7 @@ def test_both_modes_have_numbers_for_every_competitor(bench_run) -> None:
         assert len(entry["times_s"]) == ROUNDS and all(t > 0 for t in entry["times_s"])
         assert entry["median_s"] > 0 and entry["min_s"] > 0
     for run in result["runs"]:
-        arrival = run["modes"]["fresh"]["arrival"]  # the p.grad = g loop, once per round
+        arrival = run["modes"]["fresh"]["arrival"]  # the autograd hand-over, once per round
         assert len(arrival["times_s"]) == ROUNDS and all(t > 0 for t in arrival["times_s"])
         assert arrival["median_s"] == pytest.approx(statistics.median(arrival["times_s"]))
         assert "arrival" not in run["modes"]["bound"]  # copied in place, outside any timing
@@ -189,6 +189,113 @@ def test_grads_times_one_mode_and_json_to_stdout_keeps_the_table_on_stderr(
     assert fused["steps"] == 3 + 1 and fused["settling_cycles"] == 0  # warm-up: build, second, the mode's
     assert f"| tiny | fp32 | {mode} | FusedSGD |" in captured.err
     assert ("gradient clipping: not timed" in captured.err) == (mode == "fresh")
+
+
+ADAMW_ACCESSES = {
+    "fresh": {"step": 7, "zero_grad": 0, "cycle": 7},
+    "bound": {"step": 7, "zero_grad": 1, "cycle": 8, "clip": 3},
+}
+ADAMW_ALL = {"fused_adamw", "torch_forloop", "torch_foreach", "torch_fused"}
+ADAMW_LABELS = {
+    "fused_adamw": "FusedAdamW",
+    "torch_forloop": "torch AdamW for-loop",
+    "torch_foreach": "torch AdamW foreach",
+    "torch_fused": "torch AdamW fused",
+}
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """``--optimizer adamw`` on the tiny set, both dtypes, two rounds: its JSON and its table."""
+    out = tmp_path_factory.mktemp("bench-adamw")
+    argv = ["bench", "--optimizer", "adamw", "--sets", "tiny", "--dtype", *DTYPES, "--rounds", "2", *QUICK_PROBE]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setitem(shapes.SHAPE_SETS, "tiny", TINY_SETS["tiny"])
+        with open(out / "stdout.txt", "w") as capture:
+            monkeypatch.setattr(sys, "stdout", capture)
+            assert main([*argv, "--json", str(out / "bench.json")]) == 0
+    return json.loads((out / "bench.json").read_text()), (out / "stdout.txt").read_text()
+
+
+def test_adamw_json_records_the_optimizer_its_competitors_and_its_floor(adamw_run) -> None:
+    result, _ = adamw_run
+    settings = result["settings"]
+    assert (settings["optimizer"], settings["fused_optimizer"], settings["torch_optimizer"]) == (
+        "adamw",
+        "FusedAdamW",
+        "torch.optim.AdamW",
+    )
+    assert settings["reference"] == "fused_adamw"
+    assert settings["hyperparameters"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2}
+    assert settings["accesses_per_element"] == ADAMW_ACCESSES
+    assert [(run["set"], run["dtype"]) for run in result["runs"]] == [("tiny", dtype) for dtype in DTYPES]
+    for run in result["runs"]:
+        assert run["unavailable"] == {}
+        assert {key: entry["label"] for key, entry in run["competitors"].items()} == ADAMW_LABELS
+        assert isinstance(run["fused_kernels"]["step"], str) and run["fused_kernels"]["step"]
+        assert run["staleness_check"]["current"] is True
+        for mode, measured in run["modes"].items():
+            expected = {op: ADAMW_ALL for op in ("step", "zero_grad", "cycle")}
+            if mode == "bound":  # clipping is optimizer-independent, and timed for AdamW too
+                expected["clip"] = {"fused_adamw", "torch_foreach", "torch_forloop"}
+            assert {op: set(data["competitors"]) for op, data in measured["ops"].items()} == expected
+            for op, data in measured["ops"].items():
+                assert data["bytes"] == ADAMW_ACCESSES[mode][op] * run["numel"] * run["itemsize"]
+                for key, entry in data["competitors"].items():
+                    assert entry["rounds"] == 2 and all(t > 0 for t in entry["times_s"])
+                    if data["bytes"]:
+                        assert entry["x_of_floor"] == pytest.approx(entry["median_s"] / data["floor_s"])
+                    if key == "fused_adamw":
+                        assert "vs_fused" not in entry
+                        continue
+                    fused = data["competitors"]["fused_adamw"]["times_s"]
+                    expected_ratios = [theirs / ours for theirs, ours in zip(entry["times_s"], fused)]
+                    assert entry["vs_fused"]["per_round"] == pytest.approx(expected_ratios)
+        steps = {entry["steps"] for entry in run["competitors"].values()}
+        assert steps == {WARMUP_STEPS + len(MODES) * 2 + 2}  # every competitor did the same work
+        if run["dtype"] == "fp32":
+            assert run["competitors"]["fused_adamw"]["max_abs_diff_vs_forloop"] < 1e-5
+
+
+def test_adamw_table_names_adamw_throughout(adamw_run) -> None:
+    _, table = adamw_run
+    assert (
+        "10 rounds" not in table
+        and "2 rounds, AdamW lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01" in table
+    )
+    assert "| set | dtype | grads | competitor | zero_grad | step | cycle | zero_grad vs FusedAdamW |" in table
+    assert "| cycle of floor | torch fused / FusedAdamW (cycle) |" in table
+    assert "FusedAdamW per training-loop cycle" in table
+    assert "(fresh: step 7, cycle 7; bound: step 7, cycle 8)" in table
+    for dtype in DTYPES:
+        for mode in MODES:
+            for label in ADAMW_LABELS.values():
+                assert f"| tiny | {dtype} | {mode} | {label} |" in table
+        assert f"| tiny | {dtype} | FusedAdamW.clip_grad_norm_fused_ |" in table
+    assert "vs FusedAdamW: competitor time / FusedAdamW time" in table
+    assert "SGD" not in table
+
+
+def test_unknown_optimizer_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--optimizer", "lion"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --optimizer: invalid choice: 'lion'" in err and "'sgd'" in err and "'adamw'" in err
+
+
+def test_adamw_without_fused_adam_fails_before_benchmarking(
+    tiny_sets, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "fused_adam", None)  # import fused_adam now fails
+    assert main(["bench", "--optimizer", "adamw", "--sets", "tiny"]) == 2
+    captured = capsys.readouterr()
+    assert "pip install ./packages/fused-adam" in captured.err and "bandwidth limit" not in captured.out
+
+
+def test_distributed_times_sgd_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--distributed", "2", "--optimizer", "adamw"]) == 2
+    assert "--distributed times FusedSGD, not --optimizer adamw" in capsys.readouterr().err
 
 
 def _record_cycles(competitor: Competitor, sources: list[torch.Tensor]) -> dict[str, list]:

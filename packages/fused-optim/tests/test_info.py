@@ -30,7 +30,8 @@ def test_json_holds_versions_devices_native_plugins_and_launchers(tmp_path: Path
     assert main(["info", "--dtype", "fp32", "bf16", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
     assert record["torch"]["version"] == torch.__version__
-    assert {"fused-core", "fused-sgd", "fused-testing", "fused-optim"} <= set(record["packages"])
+    assert {"fused-core", "fused-sgd", "fused-adam", "fused-testing", "fused-optim"} <= set(record["packages"])
+    assert record["packages"]["fused-adam"]["version"] is not None  # a dependency of fused-optim
     assert record["packages"]["fused-optim"]["version"] == "0.1.0"
     assert record["devices"]["cpu"]["cores"] >= 1
     assert record["native"]["cache_dir"] and {lib["module"] for lib in record["native"]["libraries"]} >= {

@@ -96,6 +96,7 @@ def test_json_record(quick_run: tuple[str, dict]) -> None:
     assert record["config"] == {
         "width": 32,
         "depth": 2,
+        "optimizer": "sgd",
         "lr": 0.05,
         "momentum": 0.9,
         "weight_decay": 1e-4,
@@ -219,6 +220,90 @@ def test_bf16_runs_and_explains_why_it_differs(tmp_path: Path, capsys: pytest.Ca
     drift = results[results.index("drift:") : results.index("speed:")]
     assert drift.count("\n") == 1  # one line, with its cause
     assert "steps: FusedSGD rounds a bf16 update once, torch after every operation" in drift
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """One quick run with --optimizer adamw (its defaults), shared by the tests that read its output."""
+    path = tmp_path_factory.mktemp("train-adamw") / "run.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([*QUICK, "--optimizer", "adamw", "--json", str(path)]) == 0
+    return stdout.getvalue(), json.loads(path.read_text())
+
+
+def test_adamw_is_bit_for_bit_torchs_for_loop(adamw_run: tuple[str, dict]) -> None:
+    """FusedAdamW against torch.optim.AdamW(foreach=False) with train's AdamW defaults: both learn,
+    and on the CPU in fp32 not one bit differs, over every step."""
+    out, record = adamw_run
+    assert record["config"]["optimizer"] == "adamw"
+    hyperparameters = {key: record["config"].get(key) for key in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
+    assert hyperparameters == {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False}
+    assert "momentum" not in record["config"] and "nesterov" not in record["config"]
+    torch_run, fused_run = record["runs"]["torch"], record["runs"]["fused"]
+    assert torch_run["optimizer"] == "torch.optim.AdamW(foreach=False)" and fused_run["optimizer"] == "FusedAdamW"
+    assert torch_run["test_accuracy"] > 0.5 and fused_run["test_accuracy"] > 0.5
+    assert fused_run["train_loss"] < fused_run["initial_train_loss"] and record["diverged"] is False
+    assert record["comparison"]["steps_agreeing_to_rounding"] == record["steps"] == STEPS
+    assert record["comparison"]["bit_identical"] and record["comparison"]["max_rel_param_diff"] == 0.0
+    assert torch_run["losses"] == fused_run["losses"]
+    assert "training:  lr=0.003 betas=(0.9, 0.999) eps=1e-08 weight_decay=0.01 amsgrad=False," in out
+    assert "compared:  FusedAdamW against torch.optim.AdamW(foreach=False)" in out
+    assert "  epoch       torch  FusedAdamW       torch  FusedAdamW  difference" in out
+    results = " ".join(out[out.index("result:") :].split())
+    assert results.startswith(
+        "result: FusedAdamW is bit for bit torch.optim.AdamW(foreach=False): the same loss at each of the 135 steps"
+    )
+    assert "FusedAdamW's optimizer.step() is" in results and "SGD" not in out
+
+
+def test_adamw_takes_its_own_options(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    argv = [*QUICK, "--epochs", "1", "--optimizer", "adamw", "--lr", "0.01", "--betas", "0.8", "0.99"]
+    assert main([*argv, "--eps", "1e-6", "--amsgrad", "--reference", "foreach", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    config = {key: record["config"][key] for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "reference")}
+    expected = {"lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-2, "amsgrad": True}
+    assert config == {**expected, "reference": "foreach"}
+    assert record["runs"]["torch"]["optimizer"] == "torch.optim.AdamW(foreach=True)"
+    assert record["comparison"]["max_rel_param_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--optimizer", "adamw", "--momentum", "0.9"], "--momentum: not an option of --optimizer adamw"),
+        (["--optimizer", "adamw", "--nesterov"], "--nesterov: not an option of --optimizer adamw"),
+        (["--betas", "0.9", "0.99", "--eps", "1e-6"], "--betas, --eps: not an option of --optimizer sgd"),
+        (["--optimizer", "adamw", "--betas", "0.9", "1.5"], "beta"),
+        (["--optimizer", "adamw", "--lr", "-1"], "lr"),
+    ],
+)
+def test_options_of_the_other_optimizer_are_one_line_errors(
+    options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*QUICK, *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fused-optim train: error: ") and message in err and err.count("\n") == 1
+
+
+def test_unknown_optimizer_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*QUICK, "--optimizer", "lion"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --optimizer: invalid choice: 'lion'" in err and "'sgd'" in err and "'adamw'" in err
+
+
+def test_adamw_without_fused_adam_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "fused_adam", None)  # import fused_adam now fails
+    assert main([*QUICK, "--optimizer", "adamw"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "FusedAdamW from the fused-adam package" in captured.err
+    assert "pip install ./packages/fused-adam" in captured.err
 
 
 def test_help_shows_the_deep_narrow_example(capsys: pytest.CaptureFixture[str]) -> None:

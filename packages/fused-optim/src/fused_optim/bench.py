@@ -1,20 +1,21 @@
-"""Time step(), zero_grad() and gradient clipping of FusedSGD against torch.optim.SGD's for-loop,
-foreach and fused implementations, side by side in one process, on the parameter shapes of real
-architectures (fused_testing.shapes.SHAPE_SETS).
+"""Time step(), zero_grad() and gradient clipping of a fused optimizer against its torch class's
+for-loop, foreach and fused implementations, side by side in one process, on the parameter shapes
+of real architectures (fused_testing.shapes.SHAPE_SETS): FusedSGD against torch.optim.SGD (the
+default), or with --optimizer adamw FusedAdamW against torch.optim.AdamW.
 
 Every competitor runs the training loop's cycle, ``zero_grad()`` [timed], gradients arrive,
 ``step()`` [timed], in two gradient modes (``--grads``): "fresh", torch's default loop
-(``zero_grad(set_to_none=True)``, then new gradient tensors, ``p.grad = g``), and "bound"
+(``zero_grad(set_to_none=True)``, then new gradient tensors from the autograd engine), and "bound"
 (``zero_grad(set_to_none=False)``, then gradients copied in place). The cycle's time is
 zero_grad + step, per round; the fresh mode's assignment loop is timed apart, once per round, as
 the "gradient arrival". A competitor switching modes first runs one untimed settling cycle in
 the new mode. Clipping is timed with bound gradients.
 
 Rounds are interleaved: each round runs every mode and every competitor once, in an order rotated
-by one each round; medians are over rounds and ratios (competitor / FusedSGD) are computed per
-round, then medianed. Bandwidth is compared with the limit measured in the same run: a.add_(b)
-over fp32 buffers larger than the last-level cache, probed at the start and after each (set,
-dtype), best repetition.
+by one each round; medians are over rounds and ratios (competitor / the fused optimizer) are
+computed per round, then medianed. Bandwidth is compared with the limit measured in the same run:
+a.add_(b) over fp32 buffers larger than the last-level cache, probed at the start and after each
+(set, dtype), best repetition.
 
 With --distributed N it times gradient averaging instead: fused_core.distributed.all_reduce_grads
 against DDP, N gloo ranks over loopback (see fused_optim.bench_distributed).
@@ -39,32 +40,32 @@ from fused_testing.shapes import SHAPE_SETS
 
 from . import bench_report, devices
 from .bench_measure import (
-    ACCESSES,
-    COMPETITORS,
     DTYPES,
     GRAD_MODES,
-    HYPERPARAMETERS,
     MODE_OPS,
-    OP_COMPETITORS,
-    REFERENCE,
     SET_TO_NONE,
     TIMED_OPS,
     Contest,
     RoundTimes,
+    accesses,
     bandwidth_limit,
     bandwidth_probe,
     label,
     median,
 )
+from .optimizers import DEFAULT, SPECS, OptimizerSpec
 
 NAME = "bench"
-HELP = "time FusedSGD's step, zero_grad and clipping against torch.optim.SGD (for-loop, foreach, fused)"
+HELP = (
+    "time FusedSGD's (or FusedAdamW's) step, zero_grad and clipping against torch.optim.SGD's (AdamW's) "
+    "for-loop, foreach and fused"
+)
 SCHEMA = 2
 """Version of the --json layout; 2: step, zero_grad and cycle per gradient mode (``runs[].modes``)."""
 
 GRADS_CHOICES = {"fresh": ("fresh",), "bound": ("bound",), "both": GRAD_MODES}
 MODE_DESCRIPTIONS = {
-    "fresh": "zero_grad(set_to_none=True), then new gradient tensors: p.grad = g (torch's default loop)",
+    "fresh": "zero_grad(set_to_none=True), then new gradient tensors from autograd (torch's default loop)",
     "bound": "zero_grad(set_to_none=False), then gradients copied in place into the existing .grad tensors",
 }
 
@@ -74,6 +75,14 @@ DEFAULT_ROUNDS, QUICK_ROUNDS = 10, 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = list(SHAPE_SETS)
+    parser.add_argument(
+        "--optimizer",
+        choices=list(SPECS),
+        default=DEFAULT,
+        help="what to time: sgd (FusedSGD against torch.optim.SGD, "
+        f"{_hyperparameters(SPECS['sgd'])}) or adamw (FusedAdamW against torch.optim.AdamW, "
+        f"{_hyperparameters(SPECS['adamw'])}) (default: {DEFAULT})",
+    )
     parser.add_argument(
         "--sets",
         nargs="+",
@@ -97,8 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(GRADS_CHOICES),
         default="both",
         help="how gradients reach each step: fresh (torch's default loop: zero_grad(set_to_none=True), then "
-        "new tensors, p.grad = g), bound (zero_grad(set_to_none=False), then copied in place; clipping is "
-        "timed in this mode), or both, interleaved (default: both)",
+        "new tensors from torch.autograd.backward), bound (zero_grad(set_to_none=False), then copied in "
+        "place; clipping is timed in this mode), or both, interleaved (default: both)",
     )
     parser.add_argument("--device", default="cpu", help=devices.HELP)
     parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON to PATH ('-': stdout)")
@@ -131,6 +140,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: time a training step's gradient averaging, fused_core.distributed.all_reduce_grads "
         "against DDP, with N >= 2 gloo ranks over loopback on the CPU (fp32; uses --sets, --rounds, --json)",
     )
+
+
+def _hyperparameters(spec: OptimizerSpec) -> str:
+    return ", ".join(f"{key}={value}" for key, value in spec.hyperparameters.items())
 
 
 def _positive_int(text: str) -> int:
@@ -192,9 +205,11 @@ def _machine(device: torch.device, load: list[float] | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    spec = SPECS[args.optimizer]
     if args.distributed:
         return _run_distributed(args)
     try:
+        spec.fused_class()  # its package may be missing: say so before measuring anything
         device = devices.resolve_device(args.device)
         if args.plot:
             from . import bench_plot
@@ -228,12 +243,16 @@ def run(args: argparse.Namespace) -> int:
             "grads": list(modes),
             "rounds": rounds,
             "quick": args.quick,
-            "hyperparameters": HYPERPARAMETERS,
+            "optimizer": spec.name,
+            "fused_optimizer": spec.fused_name,
+            "torch_optimizer": spec.torch_path,
+            "reference": spec.reference,
+            "hyperparameters": dict(spec.hyperparameters),
             "max_norm": args.max_norm,
             "seed": args.seed,
             "max_op_seconds": args.max_op_seconds,
             "slow_rounds": args.slow_rounds,
-            "accesses_per_element": ACCESSES,
+            "accesses_per_element": accesses(spec),
         },
         "runs": [],
     }
@@ -252,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
             shapes = SHAPE_SETS[name]()
             for dtype in dtypes:
                 bar.set_description(f"{name} {dtype}")
-                result["runs"].append(_bench_one(name, shapes, dtype, device, rounds, modes, args, bar))
+                result["runs"].append(_bench_one(name, shapes, dtype, device, rounds, modes, args, bar, spec))
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -289,6 +308,9 @@ def _run_distributed(args: argparse.Namespace) -> int:
     if args.device != "cpu" or args.plot:
         option = "--plot" if args.plot else f"--device {args.device}"
         print(f"fused-optim bench: --distributed runs gloo on the CPU, without {option}", file=sys.stderr)
+        return 2
+    if args.optimizer != DEFAULT:
+        print(f"fused-optim bench: --distributed times FusedSGD, not --optimizer {args.optimizer}", file=sys.stderr)
         return 2
     from . import bench_distributed
 
@@ -329,9 +351,10 @@ def _bench_one(
     modes: Sequence[str],
     args: argparse.Namespace,
     bar: tqdm,
+    spec: OptimizerSpec,
 ) -> dict[str, Any]:
     """Every measurement of one (set, dtype); the competitors are freed on return."""
-    contest = Contest(shapes, DTYPES[dtype], device, seed=args.seed, max_norm=args.max_norm, modes=modes)
+    contest = Contest(shapes, DTYPES[dtype], device, seed=args.seed, max_norm=args.max_norm, modes=modes, spec=spec)
     contest.warm_up()
     bar.update()
 
@@ -349,19 +372,19 @@ def _bench_one(
     measured = {mode: _mode_summary(contest, per_round, mode) for mode in contest.modes}
     staleness = contest.staleness_check(calls=200 if args.quick else 2000, repeats=3 if args.quick else 7)
     staleness["percent_of_step"] = {
-        mode: _percent(staleness["median_s"], entry["ops"]["step"]["competitors"][REFERENCE]["median_s"])
+        mode: _percent(staleness["median_s"], entry["ops"]["step"]["competitors"][contest.reference]["median_s"])
         for mode, entry in measured.items()
     }
     return {
         "set": name,
         "dtype": dtype,
-        "fused_kernels": _fused_kernels(contest.competitors[REFERENCE].optimizer, device, DTYPES[dtype]),
+        "fused_kernels": _fused_kernels(contest.competitors[contest.reference].optimizer, device, DTYPES[dtype]),
         "tensors": contest.tensors,
         "numel": contest.numel,
         "itemsize": contest.itemsize,
         "competitors": {
             key: {
-                "label": COMPETITORS[key],
+                "label": contest.labels[key],
                 "first_step_s": competitor.warmup_s("step", 0),
                 "second_step_s": competitor.warmup_s("step", 1),
                 "warmup": competitor.warmup,
@@ -395,13 +418,13 @@ def _times(per_round: list[RoundTimes], mode: str, op: str, key: str) -> list[fl
 
 def _mode_summary(contest: Contest, per_round: list[RoundTimes], mode: str) -> dict[str, Any]:
     """One gradient mode of one (set, dtype): each op's times, ratios and bytes, the gradient
-    arrival (fresh), and how many FusedSGD steps found their layout stale."""
+    arrival (fresh), and how many of the fused optimizer's steps found their layout stale."""
     ops: dict[str, Any] = {}
     for op in MODE_OPS[mode]:
-        moved = ACCESSES[mode][op] * contest.numel * contest.itemsize
-        keys = [key for key in OP_COMPETITORS[op] if key in contest.competitors]
+        moved = accesses(contest.spec)[mode][op] * contest.numel * contest.itemsize
+        keys = [key for key in contest.op_competitors[op] if key in contest.competitors]
         times = {key: _times(per_round, mode, op, key) for key in keys}
-        ops[op] = {"bytes": moved, "competitors": {key: _entry(op, key, times, moved) for key in keys}}
+        ops[op] = {"bytes": moved, "competitors": {key: _entry(op, key, times, moved, contest.spec) for key in keys}}
     summary: dict[str, Any] = {
         "gradients": MODE_DESCRIPTIONS[mode],
         "zero_grad_set_to_none": SET_TO_NONE[mode],
@@ -410,28 +433,30 @@ def _mode_summary(contest: Contest, per_round: list[RoundTimes], mode: str) -> d
     }
     if mode == "fresh":
         arrivals = [times.arrival for times in per_round]
-        what = "p.grad = g for each of FusedSGD's parameters, once per round"
+        what = f"torch.autograd.backward over {contest.spec.fused_name}'s parameters, once per round"
         summary["arrival"] = {"what": what, **_summary(arrivals, None)}
     return summary
 
 
-def _entry(op: str, key: str, times: dict[str, list[float | None]], moved: int) -> dict[str, Any]:
-    """One competitor's row of one op: its times and summary, and (except FusedSGD) its ratios."""
+def _entry(op: str, key: str, times: dict[str, list[float | None]], moved: int, spec: OptimizerSpec) -> dict[str, Any]:
+    """One competitor's row of one op: its times and summary, and (except the fused optimizer's) its ratios."""
     mine = times[key]
-    entry = {"label": label(op, key), "rounds": sum(t is not None for t in mine), **_summary(mine, moved)}
-    if key != REFERENCE:
-        ratios = [
-            theirs / ours if theirs is not None and ours else None for theirs, ours in zip(mine, times[REFERENCE])
-        ]
+    entry = {"label": label(op, key, spec), "rounds": sum(t is not None for t in mine), **_summary(mine, moved)}
+    if key != spec.reference:
+        ours_per_round = times[spec.reference]
+        ratios = [theirs / ours if theirs is not None and ours else None for theirs, ours in zip(mine, ours_per_round)]
         entry["vs_fused"] = {"per_round": ratios, "median": median(ratios)}
     return entry
 
 
 def _fused_kernels(optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """What did FusedSGD's work for this (device, dtype): the step's launcher and clipping's kernels."""
+    """What did the fused optimizer's work for this (device, dtype): the step's launcher and clipping's kernels."""
     launchers = optimizer.launchers()  # type: ignore[attr-defined]
+    step = launchers.get((device, dtype))
+    if step is None:  # no bucket of this (device, dtype): the launcher its registry would pick
+        step = registry.kernels.entry(type(optimizer).kernel, device, dtype).launcher.__name__  # type: ignore[attr-defined]
     return {
-        "step": launchers.get((device, dtype), registry.kernels.entry("sgd", device, dtype).launcher.__name__),
+        "step": step,
         "clip": "C kernels (fused_core.grad_norm)" if grad_norm.serves(device, dtype) else "torch ops",
     }
 

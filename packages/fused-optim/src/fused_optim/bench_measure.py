@@ -1,17 +1,22 @@
 """The measurements behind ``fused-optim bench``: competitors, training-loop cycles, interleaved
 rounds, the bandwidth limit.
 
+The competitors of one run are a fused optimizer (FusedSGD, FusedAdamW: ``--optimizer``, see
+:mod:`fused_optim.optimizers`) and its torch class with ``foreach=False``, ``foreach=True`` and
+``fused=True``; "the fused optimizer" below is the first.
+
 Every competitor of one (shape set, dtype) holds its own copy of the same parameters
 (``make_params``) and runs the same cycle with the same gradients (``make_grads``, drawn once):
 ``zero_grad()`` [timed], the gradients arrive [not in the timings], ``step()`` [timed]. The
 gradients arrive in one of two modes (:data:`GRAD_MODES`):
 
 * ``fresh``, torch's default loop: ``zero_grad(set_to_none=True)`` drops every ``.grad``, then
-  each parameter is handed a new tensor (``p.grad = g``, ``g`` a clone of the shared gradient,
-  as backward does after ``set_to_none``). The assignment loop is timed on its own, once per
-  round, and reported as the gradient arrival.
+  each parameter is handed a new tensor as backward hands it over after ``set_to_none``:
+  ``torch.autograd.backward(params, grads)``, whose ``AccumulateGrad`` copies the shared gradient
+  into a new C++ tensor. That hand-over is timed on its own, once per round, and reported as the
+  gradient arrival.
 * ``bound``: ``zero_grad(set_to_none=False)`` zeroes the gradients in place, and the shared
-  gradients are copied into those same tensors (FusedSGD's stay bound to its flat buffers).
+  gradients are copied into those same tensors (the fused optimizer's stay bound to its flat buffers).
 
 A round runs one cycle per (mode, competitor) and, right after the bound cycles, one clipping
 per competitor; the order of the modes and of the competitors rotates by one each round. A real
@@ -32,11 +37,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from fused_sgd import FusedSGD
 from fused_testing.shapes import make_grads, make_params
 
-HYPERPARAMETERS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
-"""With momentum and weight decay each element reads param, grad, momentum and writes param, momentum."""
+from .optimizers import DEFAULT, SPECS, OptimizerSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,48 +49,64 @@ GRAD_MODES = ("fresh", "bound")
 SET_TO_NONE = {"fresh": True, "bound": False}
 """The ``set_to_none`` each mode's ``zero_grad`` passes, explicitly, to every competitor."""
 
-ACCESSES: dict[str, dict[str, int]] = {
-    "fresh": {"step": 5, "zero_grad": 0, "cycle": 5},
-    "bound": {"step": 5, "zero_grad": 1, "cycle": 6, "clip": 3},
-}
-"""Bytes each op must move, in units of ``numel * itemsize``, per gradient mode: step 3 reads
-(param, grad, momentum) + 2 writes (param, momentum); zero_grad 1 write in place, nothing when it
-sets the gradients to None; cycle = zero_grad + step; clipping 2 reads (norm, then scale) + 1 write."""
-MODE_OPS = {mode: tuple(ops) for mode, ops in ACCESSES.items()}
+MODE_OPS = {"fresh": ("step", "zero_grad", "cycle"), "bound": ("step", "zero_grad", "cycle", "clip")}
 """The ops reported per mode; clipping is timed with bound gradients only."""
 TIMED_OPS = ("zero_grad", "step")
 """The two timed calls of a cycle; ``cycle`` is their sum, per round."""
 
-REFERENCE = "fused_sgd"
-COMPETITORS = {
-    "fused_sgd": "FusedSGD",
-    "torch_forloop": "torch SGD for-loop",
-    "torch_foreach": "torch SGD foreach",
-    "torch_fused": "torch SGD fused",
+TORCH_FLAVOURS: dict[str, tuple[str, dict[str, bool]]] = {
+    "torch_forloop": ("for-loop", {"foreach": False}),
+    "torch_foreach": ("foreach", {"foreach": True}),
+    "torch_fused": ("fused", {"fused": True}),
 }
-CLIP_LABELS = {
-    "fused_sgd": "FusedSGD.clip_grad_norm_fused_",
+"""The torch competitors: key -> (label suffix, constructor flag)."""
+TORCH_CLIP_LABELS = {
     "torch_foreach": "clip_grad_norm_(foreach=True)",
     "torch_forloop": "clip_grad_norm_(foreach=False)",
 }
-OP_COMPETITORS = {
-    "step": tuple(COMPETITORS),
-    "zero_grad": tuple(COMPETITORS),
-    "cycle": tuple(COMPETITORS),
-    "clip": tuple(CLIP_LABELS),
-}
+
+
+def accesses(spec: OptimizerSpec) -> dict[str, dict[str, int]]:
+    """Bytes each op must move, in units of ``numel * itemsize``, per gradient mode: the step's
+    (:attr:`~fused_optim.optimizers.OptimizerSpec.step_accesses`, SGD with momentum 5, AdamW 7);
+    zero_grad 1 write in place, nothing when it sets the gradients to None; cycle = zero_grad +
+    step; clipping 2 reads (norm, then scale) + 1 write."""
+    step = spec.step_accesses
+    return {
+        "fresh": {"step": step, "zero_grad": 0, "cycle": step},
+        "bound": {"step": step, "zero_grad": 1, "cycle": step + 1, "clip": 3},
+    }
+
+
+def competitors(spec: OptimizerSpec) -> dict[str, str]:
+    """Every competitor's key and label, the fused optimizer first: ``fused_sgd: FusedSGD``,
+    ``torch_fused: torch SGD fused``, ..."""
+    torch_ones = {key: f"torch {spec.title} {word}" for key, (word, _) in TORCH_FLAVOURS.items()}
+    return {spec.reference: spec.fused_name, **torch_ones}
+
+
+def clip_labels(spec: OptimizerSpec) -> dict[str, str]:
+    """The clipping competitors' keys and labels: the fused optimizer's method, torch's function."""
+    return {spec.reference: f"{spec.fused_name}.clip_grad_norm_fused_", **TORCH_CLIP_LABELS}
+
+
+def op_competitors(spec: OptimizerSpec) -> dict[str, tuple[str, ...]]:
+    """Which competitors each op is timed for."""
+    every = tuple(competitors(spec))
+    return {"step": every, "zero_grad": every, "cycle": every, "clip": tuple(clip_labels(spec))}
+
+
+def label(op: str, key: str, spec: OptimizerSpec) -> str:
+    """A competitor's name in the tables: clipping names the clipping function."""
+    return clip_labels(spec)[key] if op == "clip" else competitors(spec)[key]
+
 
 T = TypeVar("T")
 
 
-def label(op: str, key: str) -> str:
-    """A competitor's name in the tables: clipping names the clipping function."""
-    return CLIP_LABELS[key] if op == "clip" else COMPETITORS[key]
-
-
 def warmup_plan(modes: Sequence[str]) -> list[tuple[str, str]]:
     """The (what, mode) calls before the rounds, ``what`` a ``"cycle"`` or ``"clip"``: two cycles
-    (FusedSGD's first step builds its flat buffers: reported as "first step (build)", beside the
+    (a fused optimizer's first step builds its flat buffers: reported as "first step (build)", beside the
     second), a clip when bound gradients are timed, then one cycle per mode, so that every mode's
     first call of each op is kept out of the medians; the last in the first round's first mode."""
     build = "bound" if "bound" in modes else modes[0]
@@ -196,39 +215,22 @@ class Competitor:
         return sum(self.warmup_s(op, grads=what) for op in TIMED_OPS)
 
     def grads(self) -> list[torch.Tensor]:
-        """The parameters' current gradients, fetched afresh: FusedSGD may re-bind them."""
+        """The parameters' current gradients, fetched afresh: a fused optimizer may re-bind them."""
         return [p.grad for p in self.params if p.grad is not None]
 
 
-def _optimizer(key: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if key == "fused_sgd":
-        return FusedSGD(params, **HYPERPARAMETERS)
-    flavour: dict[str, dict[str, Any]] = {
-        "torch_forloop": {"foreach": False},
-        "torch_foreach": {"foreach": True},
-        "torch_fused": {"fused": True},
-    }
-    return torch.optim.SGD(params, **HYPERPARAMETERS, **flavour[key])
-
-
-def _clip_call(competitor: Competitor, max_norm: float) -> Callable[[], Any]:
-    optimizer = competitor.optimizer
-    if isinstance(optimizer, FusedSGD):
-        return lambda: optimizer.clip_grad_norm_fused_(max_norm)
-    foreach = competitor.key == "torch_foreach"
-    return lambda: torch.nn.utils.clip_grad_norm_(competitor.params, max_norm, foreach=foreach)
-
-
-def assign_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
-    """``p.grad = g`` for every parameter: how backward hands over gradients after ``set_to_none``."""
-    for param, grad in zip(params, grads):
-        param.grad = grad
+def backward_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
+    """The gradients arrive as from ``loss.backward()`` after ``set_to_none``: the autograd engine
+    runs each parameter's ``AccumulateGrad``, which installs a new tensor made in C++ (a copy of
+    ``grads[i]``: it steals a gradient only when nothing else references it, and these stay shared),
+    without a Python object, as backward's gradients are; ``p.grad = g`` would attach one."""
+    torch.autograd.backward(list(params), list(grads))
 
 
 @dataclass
 class RoundTimes:
     """One round's seconds: ``ops[mode][op][key]`` (op: zero_grad, step; clip under bound) and
-    the gradient arrival of the fresh mode (FusedSGD's assignment loop; None when not timed)."""
+    the gradient arrival of the fresh mode (the hand-over to the fused optimizer's parameters; None when not timed)."""
 
     ops: dict[str, dict[str, dict[str, float]]]
     arrival: float | None = None
@@ -246,6 +248,7 @@ class Contest:
         seed: int,
         max_norm: float,
         modes: Sequence[str] = GRAD_MODES,
+        spec: OptimizerSpec = SPECS[DEFAULT],
     ) -> None:
         unknown = set(modes) - set(GRAD_MODES)
         if unknown or not modes:
@@ -253,6 +256,12 @@ class Contest:
         self.dtype, self.device, self.max_norm = dtype, device, max_norm
         self.modes = tuple(dict.fromkeys(modes))
         self.sync = synchronizer(device)
+        self.spec = spec
+        self.reference = spec.reference
+        """The fused optimizer's key: the competitor every ratio is taken against."""
+        self.labels = competitors(spec)
+        self.op_competitors = op_competitors(spec)
+        self.fused_class = spec.fused_class()
         base = make_params(shapes, dtype=dtype, device=device, seed=seed)
         self.numel = sum(p.numel() for p in base)
         self.tensors = len(base)
@@ -261,49 +270,60 @@ class Contest:
         self.competitors: dict[str, Competitor] = {}
         self.unavailable: dict[str, str] = {}
         self.stale_steps = {mode: {"warmup": 0, "settling": 0, "rounds": 0} for mode in self.modes}
-        """Per mode and phase, FusedSGD steps after the first that found their layout stale (and
+        """Per mode and phase, the fused optimizer's steps after the first that found their layout stale (and
         so re-adopted in the step): expected with fresh gradients, a slow path with bound ones."""
-        keys = list(COMPETITORS)
+        keys = list(self.labels)
         for index, key in enumerate(keys):
             # The last competitor takes the drawn tensors themselves: one copy of the model fewer.
             params = base if index == len(keys) - 1 else [torch.nn.Parameter(p.detach().clone()) for p in base]
             for param, grad in zip(params, self.source_grads):
                 param.grad = grad.clone()
             try:
-                self.competitors[key] = Competitor(key, params, _optimizer(key, params))
+                self.competitors[key] = Competitor(key, params, self._optimizer(key, params))
             except (RuntimeError, NotImplementedError, ValueError) as error:
-                if key == REFERENCE:
+                if key == self.reference:
                     raise
                 self.unavailable[key] = f"{type(error).__name__}: {error}"
         del base
 
+    def _optimizer(self, key: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if key == self.reference:
+            return self.fused_class(params, **self.spec.hyperparameters)
+        return self.spec.torch_optimizer(params, self.spec.hyperparameters, TORCH_FLAVOURS[key][1])
+
+    def _clip_call(self, competitor: Competitor) -> Callable[[], Any]:
+        optimizer, max_norm = competitor.optimizer, self.max_norm
+        if competitor.key == self.reference:
+            return lambda: optimizer.clip_grad_norm_fused_(max_norm)  # type: ignore[attr-defined]
+        foreach = competitor.key == "torch_foreach"
+        return lambda: torch.nn.utils.clip_grad_norm_(competitor.params, max_norm, foreach=foreach)
+
     # ----- one cycle -------------------------------------------------------
     def restore_grads(self, competitor: Competitor) -> None:
-        """The shared gradients, copied into the competitor's own (in place: FusedSGD's stay bound)."""
+        """The shared gradients, copied into the competitor's own (in place: a fused optimizer's stay bound)."""
         torch._foreach_copy_(competitor.grads(), self.source_grads)
 
     def hand_over(self, mode: str, competitor: Competitor) -> float | None:
-        """The gradients arrive, outside the cycle's timings. Fresh: new clones of the shared
-        gradients, assigned as ``p.grad = g``; returns the seconds of the assignment loop alone
-        (the cloning stands in for backward and is not timed). Bound: copied in place; None."""
+        """The gradients arrive, outside the cycle's timings. Fresh: autograd hands each parameter
+        a new copy of its shared gradient (:func:`backward_grads`); returns the seconds of that
+        hand-over, copies included. Bound: copied in place; None."""
         if mode == "bound":
             self.restore_grads(competitor)
             return None
-        grads = [grad.clone() for grad in self.source_grads]
-        return timed(lambda: assign_grads(competitor.params, grads), self.sync)
+        return timed(lambda: backward_grads(competitor.params, self.source_grads), self.sync)
 
     def cycle(self, mode: str, competitor: Competitor, phase: str = "rounds") -> dict[str, float]:
         """One training-loop cycle: ``zero_grad(set_to_none=...)`` [timed], the gradients arrive
         (:meth:`hand_over`), ``step()`` [timed]. Returns the seconds of ``zero_grad``, ``step``
         and, in the fresh mode, ``arrival``; ``phase`` (warmup, settling, rounds) only labels
-        FusedSGD's stale steps."""
+        the fused optimizer's stale steps."""
         optimizer = competitor.optimizer
         set_to_none = SET_TO_NONE[mode]
         seconds = {"zero_grad": timed(lambda: optimizer.zero_grad(set_to_none=set_to_none), self.sync)}
         arrival = self.hand_over(mode, competitor)
         if arrival is not None:
             seconds["arrival"] = arrival
-        if competitor.key == REFERENCE and competitor.steps and not self.fused_layout_current():
+        if competitor.key == self.reference and competitor.steps and not self.fused_layout_current():
             self.stale_steps[mode][phase] += 1
         seconds["step"] = timed(lambda: optimizer.step(), self.sync)
         competitor.steps += 1
@@ -321,21 +341,21 @@ class Contest:
     def clip(self, competitor: Competitor) -> float:
         """Seconds of one clipping, after restoring the shared gradients in place (outside the timing)."""
         self.restore_grads(competitor)
-        return timed(_clip_call(competitor, self.max_norm), self.sync)
+        return timed(self._clip_call(competitor), self.sync)
 
     # ----- warm-up and rounds -----------------------------------------------
     def warm_up(self) -> None:
-        """:func:`warmup_plan` for every competitor, timed but kept out of the medians: FusedSGD
-        builds its flat buffers in the first step, and every first call of an op may set something up."""
+        """:func:`warmup_plan` for every competitor, timed but kept out of the medians: the fused
+        optimizer builds its flat buffers in the first step, and every first call of an op may set something up."""
         plan = warmup_plan(self.modes)
         for key, competitor in list(self.competitors.items()):
             for index, (what, mode) in enumerate(plan):
-                if key not in OP_COMPETITORS[what]:
+                if key not in self.op_competitors[what]:
                     continue
                 try:
                     self._warmup_call(what, mode, competitor)
                 except (RuntimeError, NotImplementedError) as error:
-                    if key == REFERENCE or index > 0:
+                    if key == self.reference or index > 0:
                         raise
                     del self.competitors[key]
                     self.unavailable[key] = f"{type(error).__name__}: {error}"
@@ -349,8 +369,8 @@ class Contest:
         competitor.warmup += [{"op": op, "grads": mode, "seconds": seconds[op]} for op in TIMED_OPS]
 
     def fused_layout_current(self) -> bool:
-        """FusedSGD's own staleness check, ``_layout.is_current()``; False before its first step."""
-        layout = getattr(self.competitors[REFERENCE].optimizer, "_layout", None)
+        """The fused optimizer's own staleness check, ``_layout.is_current()``; False before its first step."""
+        layout = getattr(self.competitors[self.reference].optimizer, "_layout", None)
         return layout is not None and layout.is_current()
 
     def run_round(self, round_index: int, rounds_for: Callable[[str, str], int]) -> RoundTimes:
@@ -368,18 +388,18 @@ class Contest:
                 seconds = self.timed_cycle(mode, self.competitors[key])
                 for op in TIMED_OPS:
                     result.ops[mode][op][key] = seconds[op]
-                if key == REFERENCE and "arrival" in seconds:
+                if key == self.reference and "arrival" in seconds:
                     result.arrival = seconds["arrival"]
             if mode == "bound":
-                clipping = [key for key in keys if key in OP_COMPETITORS["clip"]]
+                clipping = [key for key in keys if key in self.op_competitors["clip"]]
                 result.ops[mode]["clip"] = {
                     key: self.clip(self.competitors[key]) for key in clipping if round_index < rounds_for("clip", key)
                 }
         return result
 
     def staleness_check(self, calls: int, repeats: int) -> dict[str, Any]:
-        """Seconds per ``FusedSGD._layout.is_current()`` call: the check inside every step."""
-        layout = self.competitors[REFERENCE].optimizer._layout  # type: ignore[attr-defined]
+        """Seconds per ``_layout.is_current()`` call of the fused optimizer: the check inside every step."""
+        layout = self.competitors[self.reference].optimizer._layout  # type: ignore[attr-defined]
         per_call = []
         for _ in range(repeats):
             with _no_gc():

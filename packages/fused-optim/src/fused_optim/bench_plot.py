@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .bench_measure import COMPETITORS
 from .bench_report import MODE_TITLES, OP_TITLES
 from .plotting import require_matplotlib
 
-COLOURS = {"fused_sgd": "#d62728", "torch_forloop": "#7f7f7f", "torch_foreach": "#1f77b4", "torch_fused": "#2ca02c"}
+COLOURS = {"torch_forloop": "#7f7f7f", "torch_foreach": "#1f77b4", "torch_fused": "#2ca02c"}
+FUSED_COLOUR = "#d62728"
+"""The fused optimizer's bars (FusedSGD, FusedAdamW)."""
 ROWS = ("cycle", "step", "zero_grad", "clip")
 """One row of panels per op, one column per gradient mode; clipping is timed with bound gradients only."""
 FLOOR = "bandwidth floor"
@@ -24,18 +25,28 @@ HEADROOM = 2.5
 """The top lies this factor above the tallest bar: room for the value printed above each bar."""
 
 
+def _competitors(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """Every competitor's key and label, in the bench's order (the fused optimizer first)."""
+    found: dict[str, str] = {}
+    for run in runs:
+        for key, entry in run["competitors"].items():
+            found.setdefault(key, entry["label"])
+    return found
+
+
 def _bars(ax: Any, runs: list[dict[str, Any]], mode: str, op: str) -> None:
     """Median time per competitor (bars, log scale) and the bandwidth floor (a black tick) per (set, dtype)."""
-    width = 0.8 / len(COMPETITORS)
-    for index, key in enumerate(COMPETITORS):
-        xs, ys, label = [], [], COMPETITORS[key]
+    competitors = _competitors(runs)
+    width = 0.8 / len(competitors)
+    for index, (key, label) in enumerate(competitors.items()):
+        xs, ys = [], []
         for position, run in enumerate(runs):
             entry = run["modes"][mode]["ops"][op]["competitors"].get(key)
             if entry is None or entry["median_s"] is None:
                 continue
-            xs.append(position + (index - (len(COMPETITORS) - 1) / 2) * width)
+            xs.append(position + (index - (len(competitors) - 1) / 2) * width)
             ys.append(entry["median_s"] * 1e3)
-        bars = ax.bar(xs, ys, width, label=label, color=COLOURS[key])
+        bars = ax.bar(xs, ys, width, label=label, color=COLOURS.get(key, FUSED_COLOUR))
         ax.bar_label(bars, fmt="%.3g", fontsize=6, rotation=90, padding=2)
     floors = [(position, run["modes"][mode]["ops"][op].get("floor_s")) for position, run in enumerate(runs)]
     floors = [(position, floor) for position, floor in floors if floor]
@@ -104,7 +115,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             found.setdefault(label, handle)
-    legend = {label: found[label] for label in [*COMPETITORS.values(), FLOOR] if label in found}
+    legend = {label: found[label] for label in [*_competitors(runs).values(), FLOOR] if label in found}
     columns = len(legend) if width >= 9 else 3
     figure.legend(
         list(legend.values()), list(legend), loc="outside lower center", ncols=columns, fontsize=8, frameon=False

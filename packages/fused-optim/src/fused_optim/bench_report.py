@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .bench_measure import ACCESSES, REFERENCE
-
 OP_TITLES = {
     "step": "step()",
     "zero_grad": "zero_grad()",
@@ -15,7 +13,7 @@ OP_TITLES = {
 }
 PHASES = {"warmup": "warm-up", "settling": "settling cycles (after a mode switch)", "rounds": "rounds"}
 MODE_TITLES = {
-    "fresh": "fresh gradients: zero_grad(set_to_none=True), then p.grad = g (new tensors)",
+    "fresh": "fresh gradients: zero_grad(set_to_none=True), then new tensors from torch.autograd.backward",
     "bound": "bound gradients: zero_grad(set_to_none=False), then copied in place",
 }
 
@@ -38,16 +36,31 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _reference(result: dict[str, Any]) -> str:
+    """The fused competitor's key (``fused_sgd`` in a run from before ``--optimizer``)."""
+    return str(result["settings"].get("reference", "fused_sgd"))
+
+
+def _fused(result: dict[str, Any]) -> str:
+    """The fused optimizer's class name: FusedSGD, FusedAdamW."""
+    return str(result["settings"].get("fused_optimizer", "FusedSGD"))
+
+
+def _accesses(result: dict[str, Any]) -> dict[str, dict[str, int]]:
+    accesses: dict[str, dict[str, int]] = result["settings"]["accesses_per_element"]
+    return accesses
+
+
 def _modes(run: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(mode, its measurements) of one run, in the order the run was asked for."""
     yield from run["modes"].items()
 
 
-def _ratio(entry: dict[str, Any] | None, key: str) -> float | None:
-    """An entry's median ratio against FusedSGD (1.0 for FusedSGD itself)."""
+def _ratio(entry: dict[str, Any] | None, key: str, reference: str) -> float | None:
+    """An entry's median ratio against the fused optimizer (1.0 for the fused optimizer itself)."""
     if entry is None:
         return None
-    return 1.0 if key == REFERENCE else entry["vs_fused"]["median"]
+    return 1.0 if key == reference else entry["vs_fused"]["median"]
 
 
 def _header(result: dict[str, Any]) -> list[str]:
@@ -55,10 +68,11 @@ def _header(result: dict[str, Any]) -> list[str]:
     probes = limit["probes"]
     bests = [probe["gbps"] for probe in probes]
     hp = ", ".join(f"{key}={value}" for key, value in settings["hyperparameters"].items())
+    optimizer = str(settings.get("torch_optimizer", "torch.optim.SGD")).rsplit(".", 1)[-1]
     lines = [
         f"fused-optim bench: {machine['device']} ({machine['device_name']}, {machine['cpus']} CPUs, "
         f"{machine['torch_threads']} torch threads), torch {machine['torch']}, {settings['rounds']} rounds, "
-        f"SGD {hp}",
+        f"{optimizer} {hp}",
         f"bandwidth limit: {limit['gbps']:.1f} GB/s, the best of {len(probes)} probes of {limit['op']} over "
         f"2 x {limit['mib_per_buffer']} MiB {limit['dtype']} ({len(probes[0]['times_s'])} repetitions each, "
         f"one at the start and one after each set; the probes' best ranged {min(bests):.1f}-{max(bests):.1f} GB/s)",
@@ -74,11 +88,11 @@ def _header(result: dict[str, Any]) -> list[str]:
 
 
 def _fused_table(result: dict[str, Any]) -> list[str]:
-    """Per (set, dtype): FusedSGD's step kernel, its warm-up steps and its staleness check."""
+    """Per (set, dtype): the fused optimizer's step kernel, its warm-up steps and its staleness check."""
     modes = result["settings"]["grads"]
     rows = []
     for run in result["runs"]:
-        fused = run["competitors"][REFERENCE]
+        fused = run["competitors"][_reference(result)]
         check = run["staleness_check"]
         shares = [_number(check["percent_of_step"].get(mode), ".3f", "%") for mode in modes]
         rows.append(
@@ -98,19 +112,21 @@ def _fused_table(result: dict[str, Any]) -> list[str]:
     lines = _table(header + ["staleness check", f"% of step ({' / '.join(modes)})"], rows)
     clip = sorted({f"{run['dtype']}: {run['fused_kernels']['clip']}" for run in result["runs"]})
     return lines + [
-        "\nFusedSGD: the launcher of its step, first and second step (warm-up, not in the medians), and the "
+        f"\n{_fused(result)}: the launcher of its step, first and second step (warm-up, not in the medians), and the "
         f"staleness check alone, as a share of the step in each mode. Clipping runs on {'; '.join(clip)}."
     ]
 
 
 def _cycle_summary(result: dict[str, Any]) -> list[str]:
-    """Per (set, dtype, mode): FusedSGD's cycle, the gradient arrival, the floor, torch fused's ratio."""
+    """Per (set, dtype, mode): the fused optimizer's cycle, the gradient arrival, the floor, torch fused's ratio."""
+    reference, name = _reference(result), _fused(result)
     rows = []
     for run in result["runs"]:
         for mode, measured in _modes(run):
             ops = measured["ops"]
-            fused = {op: ops[op]["competitors"][REFERENCE] for op in ("zero_grad", "step", "cycle")}
+            fused = {op: ops[op]["competitors"][reference] for op in ("zero_grad", "step", "cycle")}
             arrival = measured.get("arrival")
+            torch_fused = _ratio(ops["cycle"]["competitors"].get("torch_fused"), "torch_fused", reference)
             rows.append(
                 [
                     run["set"],
@@ -122,17 +138,19 @@ def _cycle_summary(result: dict[str, Any]) -> list[str]:
                     duration(arrival["median_s"]) if arrival else "in place",
                     _number(fused["step"]["x_of_floor"], ".1f", "x"),
                     _number(fused["cycle"]["x_of_floor"], ".1f", "x"),
-                    _number(_ratio(ops["cycle"]["competitors"].get("torch_fused"), "torch_fused"), ".2f", "x"),
+                    _number(torch_fused, ".2f", "x"),
                 ]
             )
     header = ["set", "dtype", "grads", "zero_grad", "step", "cycle", "gradient arrival"]
-    lines = ["", "FusedSGD per training-loop cycle", ""]
-    lines += _table(header + ["step of floor", "cycle of floor", "torch fused / FusedSGD (cycle)"], rows)
-    floors = "; ".join(f"{mode}: step {ACCESSES[mode]['step']}, cycle {ACCESSES[mode]['cycle']}" for mode in ACCESSES)
+    lines = ["", f"{name} per training-loop cycle", ""]
+    lines += _table(header + ["step of floor", "cycle of floor", f"torch fused / {name} (cycle)"], rows)
+    accesses = _accesses(result)
+    floors = "; ".join(f"{mode}: step {ops['step']}, cycle {ops['cycle']}" for mode, ops in accesses.items())
     return lines + [
         "",
-        "cycle: zero_grad + step of the same round, median over rounds. gradient arrival: the p.grad = g loop "
-        "alone (fresh mode, outside the cycle's time; add it for the whole cycle). of floor: median time / "
+        "cycle: zero_grad + step of the same round, median over rounds. gradient arrival: the autograd "
+        "hand-over (torch.autograd.backward) alone (fresh mode, outside the cycle's time; add it for the "
+        "whole cycle). of floor: median time / "
         f"(bytes / limit), bytes = accesses x elements x itemsize ({floors}).",
     ]
 
@@ -145,6 +163,7 @@ def _competitor_name(entry: dict[str, Any], rounds: int) -> str:
 def _cycle_table(result: dict[str, Any]) -> list[str]:
     """Per (set, dtype, mode, competitor): zero_grad, step and cycle, their ratios, the floor."""
     rounds = result["settings"]["rounds"]
+    reference, name = _reference(result), _fused(result)
     rows = []
     for run in result["runs"]:
         for mode, measured in _modes(run):
@@ -154,17 +173,18 @@ def _cycle_table(result: dict[str, Any]) -> list[str]:
                 rows.append(
                     [run["set"], run["dtype"], mode, _competitor_name(step, rounds)]
                     + [duration(entries[op]["median_s"]) for op in entries]
-                    + [_number(_ratio(entries[op], key), ".2f", "x") for op in entries]
+                    + [_number(_ratio(entries[op], key, reference), ".2f", "x") for op in entries]
                     + [_number(entries[op]["x_of_floor"], ".1f", "x") for op in ("step", "cycle")]
                 )
     header = ["set", "dtype", "grads", "competitor", "zero_grad", "step", "cycle"]
-    header += ["zero_grad vs FusedSGD", "step vs FusedSGD", "cycle vs FusedSGD", "step of floor", "cycle of floor"]
+    header += [f"{op} vs {name}" for op in ("zero_grad", "step", "cycle")] + ["step of floor", "cycle of floor"]
     return ["", "step() and zero_grad(), one cycle each, every competitor", ""] + _table(header, rows)
 
 
 def _clip_table(result: dict[str, Any]) -> list[str]:
     """Per (set, dtype, competitor): clipping with bound gradients."""
     settings = result["settings"]
+    reference = _reference(result)
     rows = []
     for run in result["runs"]:
         clip = run["modes"].get("bound", {}).get("ops", {}).get("clip")
@@ -175,7 +195,7 @@ def _clip_table(result: dict[str, Any]) -> list[str]:
                     run["dtype"],
                     _competitor_name(entry, settings["rounds"]),
                     duration(entry["median_s"]),
-                    _number(_ratio(entry, key), ".2f", "x"),
+                    _number(_ratio(entry, key, reference), ".2f", "x"),
                     _number(entry["gbps"], ".1f"),
                     _number(entry["percent_of_limit"], ".0f", "%"),
                     _number(entry["x_of_floor"], ".1f", "x"),
@@ -184,13 +204,13 @@ def _clip_table(result: dict[str, Any]) -> list[str]:
     if not rows:
         return ["", "gradient clipping: not timed (it is timed with bound gradients: --grads bound or both)"]
     title = OP_TITLES["clip"].format(max_norm=settings["max_norm"])
-    lines = ["", f"{title}, bound gradients: {ACCESSES['bound']['clip']} x elements x itemsize bytes", ""]
-    header = ["set", "dtype", "competitor", "median", "vs FusedSGD", "GB/s", "% of limit", "of floor"]
+    lines = ["", f"{title}, bound gradients: {_accesses(result)['bound']['clip']} x elements x itemsize bytes", ""]
+    header = ["set", "dtype", "competitor", "median", f"vs {_fused(result)}", "GB/s", "% of limit", "of floor"]
     return lines + _table(header, rows)
 
 
 def _notes(result: dict[str, Any]) -> list[str]:
-    """Unavailable competitors, and bound-mode FusedSGD steps that found a stale layout."""
+    """Unavailable competitors, and bound-mode steps of the fused optimizer that found a stale layout."""
     lines = []
     for run in result["runs"]:
         where = f"{run['set']} {run['dtype']}"
@@ -201,19 +221,20 @@ def _notes(result: dict[str, Any]) -> list[str]:
             if count:
                 steps = "step" if count == 1 else "steps"
                 lines.append(
-                    f"note: {where}: {count} FusedSGD {steps} with bound gradients in the {PHASES[phase]} "
+                    f"note: {where}: {count} {_fused(result)} {steps} with bound gradients in the {PHASES[phase]} "
                     "found a stale layout (re-adopted)"
                 )
     return lines
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The whole report: header, FusedSGD's overview, the cycles of every competitor, clipping."""
+    """The whole report: header, the fused optimizer's overview, the cycles of every competitor, clipping."""
     lines = _header(result) + [""] + _fused_table(result) + _cycle_summary(result)
     lines += _cycle_table(result) + _clip_table(result)
+    name = _fused(result)
     lines += [
         "",
-        "vs FusedSGD: competitor time / FusedSGD time in the same round, median over rounds (> 1: FusedSGD faster).",
+        f"vs {name}: competitor time / {name} time in the same round, median over rounds (> 1: {name} faster).",
         "% of limit: achieved bandwidth / the limit above; of floor: median time / (bytes / limit).",
     ]
     return "\n".join(lines + _notes(result))

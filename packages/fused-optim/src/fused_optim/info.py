@@ -33,7 +33,7 @@ from . import devices
 NAME = "info"
 HELP = "report versions, devices, compilers, native kernels, plugins and which launcher serves what (for bug reports)"
 
-PACKAGES = ("fused-core", "fused-sgd", "fused-testing", "fused-optim")
+PACKAGES = ("fused-core", "fused-sgd", "fused-adam", "fused-testing", "fused-optim")
 DEPENDENCIES = ("torch", "pluggy", "pydantic", "tqdm", "matplotlib")
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 NATIVE_LIBRARIES = (
@@ -41,6 +41,7 @@ NATIVE_LIBRARIES = (
     ("gradient reader (every .grad in one call)", "fused_core.gradients", "library", "SOURCE", "FLAG_SETS"),
     ("gradient clipping kernels", "fused_core.grad_norm", "library", "SOURCE", None),
     ("SGD kernel", "fused_sgd.kernels", "c_library", "C_SOURCE", None),
+    ("Adam kernel", "fused_adam.kernels", "c_library", "C_SOURCE", None),
 )
 ENV_PREFIX = "FUSED_OPTIM_"
 

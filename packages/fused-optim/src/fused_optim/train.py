@@ -1,4 +1,5 @@
-"""Train an MLP on handwritten digits twice, with FusedSGD and with torch.optim.SGD, and compare.
+"""Train an MLP on handwritten digits twice, with FusedSGD and with torch.optim.SGD, and compare
+(with --optimizer adamw: FusedAdamW and torch.optim.AdamW).
 
 Both models start from the same weights (same seed) and see the same
 minibatches: they train in one process, stepping in turn on each batch
@@ -26,11 +27,12 @@ from tqdm import tqdm
 
 from fused_core import FusedOptimError
 from fused_core.hyperparams import validate_group
-from fused_sgd import FusedSGD, SGDHyperparams
+from fused_core.optimizer import FusedOptimizer
 from fused_testing.parity import make_model, mlp, train_side_by_side
 from fused_testing.reference import relative_error
 
 from . import devices
+from .optimizers import DEFAULT, SPECS, OptimizerSpec, OptimizerUnavailable
 from .plotting import require_matplotlib
 from .train_data import NUM_CLASSES, Digits, batches_per_epoch, epoch_batches, load_digits
 from .train_report import (
@@ -46,7 +48,10 @@ from .train_report import (
 )
 
 NAME = "train"
-HELP = "train an MLP on handwritten digits with FusedSGD and torch.optim.SGD side by side, and compare"
+HELP = (
+    "train an MLP on handwritten digits with FusedSGD and torch.optim.SGD (or FusedAdamW and torch.optim.AdamW) "
+    "side by side, and compare"
+)
 
 EXAMPLES = """\
 examples:
@@ -54,11 +59,22 @@ examples:
   fused-optim train --plot curves.png --json run.json
   fused-optim train --depth 32 --width 32      # 66 small tensors: the many-tensor effect on step time
   fused-optim train --reference fused          # against torch's own fused kernel (it rounds differently)
+  fused-optim train --optimizer adamw          # FusedAdamW against torch.optim.AdamW(foreach=False), lr 0.003
   fused-optim train --device cuda --dtype bf16
 """
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REFERENCES = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+HYPERPARAMETER_OPTIONS = {
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "nesterov": "--nesterov",
+    "betas": "--betas",
+    "eps": "--eps",
+    "amsgrad": "--amsgrad",
+}
+"""Every hyperparameter option, by its key; each optimizer takes those of its ``train_defaults``."""
 
 
 DIVERGED_EXIT = 3
@@ -94,21 +110,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4,
         help="hidden layers, two tensors each; the classifier adds two more (default: %(default)s)",
     )
-    optimizer = parser.add_argument_group("optimizer (the same for both runs)")
+    optimizer = parser.add_argument_group("optimizer (the same for both runs; the defaults depend on --optimizer)")
+    optimizer.add_argument(
+        "--optimizer",
+        choices=list(SPECS),
+        default=DEFAULT,
+        help="sgd: FusedSGD against torch.optim.SGD; adamw: FusedAdamW against torch.optim.AdamW "
+        "(default: %(default)s)",
+    )
+    sgd, adamw = SPECS["sgd"].train_defaults, SPECS["adamw"].train_defaults
     optimizer.add_argument(
         "--lr",
         type=float,
-        default=0.05,
-        help="learning rate (default: %(default)s; with momentum 0.9, 0.1 is on the edge of stability here)",
+        help=f"learning rate (default: {sgd['lr']} for sgd, where with momentum 0.9, 0.1 is on the edge of "
+        f"stability; {adamw['lr']} for adamw)",
     )
-    optimizer.add_argument("--momentum", type=float, default=0.9, help="(default: %(default)s)")
-    optimizer.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
-    optimizer.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    optimizer.add_argument("--momentum", type=float, help=f"sgd only (default: {sgd['momentum']})")
+    optimizer.add_argument(
+        "--weight-decay",
+        type=float,
+        help=f"(default: {sgd['weight_decay']} for sgd; {adamw['weight_decay']} for adamw, decoupled)",
+    )
+    optimizer.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd only)")
+    optimizer.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        metavar=("BETA1", "BETA2"),
+        help="adamw only (default: {} {})".format(*adamw["betas"]),
+    )
+    optimizer.add_argument("--eps", type=float, help=f"adamw only (default: {adamw['eps']})")
+    optimizer.add_argument("--amsgrad", action="store_true", default=None, help="AMSGrad (adamw only)")
     optimizer.add_argument(
         "--reference",
         choices=sorted(REFERENCES),
         default="for-loop",
-        help="the torch.optim.SGD to compare with: for-loop (foreach=False, the semantic reference; default), "
+        help="the torch optimizer to compare with: for-loop (foreach=False, the semantic reference; default), "
         "foreach or fused",
     )
     training = parser.add_argument_group("training")
@@ -165,12 +202,39 @@ def _max_abs_diff(model_a: nn.Module, model_b: nn.Module) -> float:
     return max(diffs, default=0.0)
 
 
-def _prepare_kernels(device: torch.device, dtype: torch.dtype) -> float:
-    """One untimed FusedSGD step on a throwaway parameter, so that compiling and checking the C kernels
-    (a few seconds, the first time on a machine) is not counted as the first training step; its seconds."""
+def _hyperparameters(args: argparse.Namespace, spec: OptimizerSpec) -> dict[str, Any]:
+    """The optimizer's hyperparameters: the options given, its defaults for the others; an option
+    another optimizer takes is an error."""
+    options = HYPERPARAMETER_OPTIONS.items()
+    given = [option for key, option in options if key not in spec.train_defaults and getattr(args, key) is not None]
+    if given:
+        raise TrainError(f"{', '.join(given)}: not an option of --optimizer {spec.name}")
+    values: dict[str, Any] = {}
+    for key, default in spec.train_defaults.items():
+        value = getattr(args, key)
+        values[key] = default if value is None else tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def _check_hyperparameters(fused: type[torch.optim.Optimizer], spec: OptimizerSpec, values: dict[str, Any]) -> None:
+    """Before anything trains: the fused optimizer's own validation, then the torch class's."""
+    if issubclass(fused, FusedOptimizer):
+        validate_group(fused.hyperparameters, values, where=f"{spec.title} options", partial=True)
+    try:
+        spec.torch_optimizer([nn.Parameter(torch.zeros(1))], values, {})
+    except (ValueError, TypeError) as error:
+        raise TrainError(f"{spec.title} options: {error}") from None
+
+
+def _prepare_kernels(
+    fused: type[torch.optim.Optimizer], hyperparameters: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> float:
+    """One untimed step of the fused optimizer on a throwaway parameter, so that compiling and checking
+    the C kernels (a few seconds, the first time on a machine) is not counted as the first training
+    step; its seconds."""
     start = time.perf_counter()
     param = nn.Parameter(torch.zeros(8, device=device, dtype=dtype))
-    optimizer = FusedSGD([param], lr=0.1, momentum=0.9)
+    optimizer = fused([param], **hyperparameters)
     param.grad = torch.ones_like(param)
     optimizer.step()
     return time.perf_counter() - start
@@ -190,10 +254,13 @@ def train(args: argparse.Namespace) -> TrainReport:
     except devices.DeviceError as error:
         raise TrainError(str(error)) from None
     dtype = DTYPES[args.dtype]
-    hyperparameters: dict[str, Any] = dict(
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov
-    )
-    validate_group(SGDHyperparams, hyperparameters, where="SGD options")
+    spec = SPECS[args.optimizer]
+    try:
+        fused = spec.fused_class()
+    except OptimizerUnavailable as error:
+        raise TrainError(str(error)) from None
+    hyperparameters = _hyperparameters(args, spec)
+    _check_hyperparameters(fused, spec, hyperparameters)
     if args.plot is not None:
         try:
             require_matplotlib()
@@ -211,9 +278,12 @@ def train(args: argparse.Namespace) -> TrainReport:
     steps_per_epoch = batches_per_epoch(data, args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     torch_kwargs = REFERENCES[args.reference]
-    torch_name = "torch.optim.SGD({})".format(", ".join(f"{k}={v}" for k, v in torch_kwargs.items()))
+    torch_name = spec.torch_name(torch_kwargs)
     config = {
-        **{key: getattr(args, key) for key in ("width", "depth", "lr", "momentum", "weight_decay", "nesterov")},
+        "width": args.width,
+        "depth": args.depth,
+        "optimizer": spec.name,
+        **hyperparameters,
         **{key: getattr(args, key) for key in ("reference", "epochs", "batch_size", "seed", "dtype")},
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -227,12 +297,13 @@ def train(args: argparse.Namespace) -> TrainReport:
     probe = make_model(build, seed=args.seed)
     model_summary = {"tensors": len(list(probe.parameters())), "parameters": sum(p.numel() for p in probe.parameters())}
     del probe
-    print(format_header(config, data_summary, model_summary, steps_per_epoch, torch_name), flush=True)
+    fused_name = spec.fused_name
+    print(format_header(config, data_summary, model_summary, steps_per_epoch, torch_name, fused_name), flush=True)
     print("kernels:   ", end="", flush=True)
-    seconds = _prepare_kernels(device, dtype)
-    print(f"FusedSGD's ready in {seconds:.1f} s (its C kernels are compiled on first use, then cached)", flush=True)
+    ready_s = _prepare_kernels(fused, hyperparameters, device, dtype)
+    print(f"{fused_name}'s ready in {ready_s:.1f} s (its C kernels are compiled on first use, then cached)", flush=True)
     print(flush=True)
-    print(format_epoch_header(args.epochs), flush=True)
+    print(format_epoch_header(args.epochs, fused_name), flush=True)
 
     models: dict[str, nn.Module] = {}
     initial: dict[str, float] = {}
@@ -269,14 +340,14 @@ def train(args: argparse.Namespace) -> TrainReport:
                 _evaluate(models[key], data, device, dtype) for key in ("torch", "fused")
             )
             epochs.append(EpochReport(epoch, (loss_t, loss_f), (accuracy_t, accuracy_f), diff))
-            _say(format_epoch(epochs[-1], args.epochs))
+            _say(format_epoch(epochs[-1], args.epochs, fused_name))
 
     with progress:
         result = train_side_by_side(
             optimizer_for(
-                "torch", lambda model: torch.optim.SGD(model.parameters(), **hyperparameters, **torch_kwargs)
+                "torch", lambda model: spec.torch_optimizer(model.parameters(), hyperparameters, torch_kwargs)
             ),
-            optimizer_for("fused", lambda model: FusedSGD(model.parameters(), **hyperparameters)),
+            optimizer_for("fused", lambda model: fused(model.parameters(), **hyperparameters)),
             model_kind=build,
             batches=progress,
             seed=args.seed,
@@ -289,7 +360,7 @@ def train(args: argparse.Namespace) -> TrainReport:
     runs = []
     for key, name, model, losses, seconds in (
         ("torch", torch_name, result.model_a, result.losses_a, result.step_seconds_a),
-        ("fused", "FusedSGD", result.model_b, result.losses_b, result.step_seconds_b),
+        ("fused", fused_name, result.model_b, result.losses_b, result.step_seconds_b),
     ):
         accuracy, train_loss = _evaluate(model, data, device, dtype)
         runs.append(RunReport(name, accuracy, train_loss, losses, seconds, initial_loss=initial[key]))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .optimizers import DEFAULT, SPECS
 from .plotting import require_matplotlib
 
 __all__ = [
@@ -27,8 +28,10 @@ __all__ = [
 
 ROUNDING = 1e-5
 """Relative parameter difference above which two fp32 runs no longer agree to rounding. In bf16 the two
-optimizers round differently by design (FusedSGD computes the update in fp32 and rounds once), so no
+optimizers round differently by design (the fused optimizer computes the update in fp32 and rounds once), so no
 threshold applies there."""
+FUSED_DEFAULT = SPECS[DEFAULT].fused_name
+"""The fused optimizer's name where none is given: FusedSGD."""
 REFERENCE_SHORT = "torch"
 """The reference's name in the per-epoch table."""
 
@@ -180,8 +183,19 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _hyperparameters(config: dict[str, Any]) -> str:
+    """``lr=0.05 momentum=0.9 ...``: the optimizer's hyperparameters, in its order."""
+    spec = SPECS[config.get("optimizer", DEFAULT)]
+    return " ".join(f"{key}={config[key]}" for key in spec.train_defaults)
+
+
 def format_header(
-    config: dict[str, Any], data: dict[str, int], model: dict[str, Any], steps_per_epoch: int, reference: str
+    config: dict[str, Any],
+    data: dict[str, int],
+    model: dict[str, Any],
+    steps_per_epoch: int,
+    reference: str,
+    fused: str = FUSED_DEFAULT,
 ) -> str:
     """What is trained, printed before training starts."""
     c, d, m = config, data, model
@@ -193,30 +207,34 @@ def format_header(
             f" of {d['features']} pixels, {d['classes']} classes",
             f"model:     MLP {d['features']} -> {c['depth']} x {c['width']} -> {d['classes']}, {m['tensors']} tensors,"
             f" {m['parameters']:,} parameters, {c['dtype']} on {c['device']} ({threads})",
-            f"training:  lr={c['lr']} momentum={c['momentum']} weight_decay={c['weight_decay']}"
-            f" nesterov={c['nesterov']},",
+            f"training:  {_hyperparameters(c)},",
             f"           {c['epochs']} epochs x {steps_per_epoch} batches of <= {c['batch_size']} = {steps} steps,"
             f" seed {c['seed']}",
-            f"compared:  FusedSGD against {reference} ({REFERENCE_SHORT!r} below),",
+            f"compared:  {fused} against {reference} ({REFERENCE_SHORT!r} below),",
             "           from the same initial weights, on the same minibatches",
         ]
     )
 
 
-_EPOCH_COLUMNS = ("{:>7}", "{:>9}", "{:>9}", "{:>9}", "{:>9}", "{:>11}")
+def _epoch_columns(fused: str) -> tuple[str, ...]:
+    """The per-epoch table's cell formats: epoch, two losses, two accuracies, the difference; the
+    loss and accuracy columns at least 9 wide, or as wide as the fused optimizer's name."""
+    width = max(9, len(fused))
+    return ("{:>7}", *(f"{{:>{width}}}",) * 4, "{:>11}")
 
 
-def format_epoch_header(epochs: int) -> str:
+def format_epoch_header(epochs: int, fused: str = FUSED_DEFAULT) -> str:
     """The two header lines of the per-epoch table."""
-    first = "".ljust(7) + "  " + "train loss".center(20) + "  " + "test accuracy".center(20) + "  " + "parameter"
+    columns = _epoch_columns(fused)
+    pair = 2 * max(9, len(fused)) + 2
+    first = "".ljust(7) + "  " + "train loss".center(pair) + "  " + "test accuracy".center(pair) + "  " + "parameter"
     second = "  ".join(
-        fmt.format(cell)
-        for fmt, cell in zip(_EPOCH_COLUMNS, ("epoch", REFERENCE_SHORT, "FusedSGD", REFERENCE_SHORT, "FusedSGD"))
+        fmt.format(cell) for fmt, cell in zip(columns, ("epoch", REFERENCE_SHORT, fused, REFERENCE_SHORT, fused))
     )
     return f"{first.rstrip()}\n{second}  difference"
 
 
-def format_epoch(epoch: EpochReport, epochs: int) -> str:
+def format_epoch(epoch: EpochReport, epochs: int, fused: str = FUSED_DEFAULT) -> str:
     """One line of the per-epoch table, printed as the epoch ends."""
     cells = (
         f"{epoch.epoch}/{epochs}",
@@ -226,7 +244,7 @@ def format_epoch(epoch: EpochReport, epochs: int) -> str:
         f"{epoch.test_accuracy[1]:.2%}",
         f"{epoch.rel_diff:.1e}",
     )
-    return "  ".join(fmt.format(cell) for fmt, cell in zip(_EPOCH_COLUMNS, cells))
+    return "  ".join(fmt.format(cell) for fmt, cell in zip(_epoch_columns(fused), cells))
 
 
 def _comparison(report: TrainReport) -> list[str]:
@@ -236,11 +254,11 @@ def _comparison(report: TrainReport) -> list[str]:
     steps = len(t.losses)
     if report.bit_identical:
         return [
-            f"result:    FusedSGD is bit for bit {t.name}: the same loss at each of the {steps} steps and the same"
+            f"result:    {f.name} is bit for bit {t.name}: the same loss at each of the {steps} steps and the same"
             " parameters at the end (difference 0.00e+00)"
         ]
     lines = [
-        f"result:    test accuracy {f.test_accuracy:.2%} with FusedSGD, {t.test_accuracy:.2%} with {t.name};"
+        f"result:    test accuracy {f.test_accuracy:.2%} with {f.name}, {t.test_accuracy:.2%} with {t.name};"
         f" final training loss {f.train_loss:.4f} and {t.train_loss:.4f}"
     ]
     if report.diverged:  # non-finite parameters: no distance to report, the DIVERGED line says why
@@ -248,7 +266,7 @@ def _comparison(report: TrainReport) -> list[str]:
     drift = f"drift:     parameters {report.max_rel_diff:.1e} apart after {steps} steps"
     agreeing = report.agreeing_steps
     if agreeing is None:
-        cause = f": FusedSGD rounds a {c['dtype']} update once, torch after every operation"
+        cause = f": {f.name} rounds a {c['dtype']} update once, torch after every operation"
     else:
         cause = f" ({agreeing} within float32 rounding): {t.name} rounds differently, training amplifies it"
     return [*lines, drift + cause]
@@ -282,7 +300,7 @@ def format_summary(report: TrainReport) -> str:
             ["  first step (in the mean)", _ms(t.step_seconds[0]), _ms(f.step_seconds[0])],
         ]
     )
-    speed = f"speed:     FusedSGD's optimizer.step() is {report.speedup_median:.2f}x faster than {t.name}'s (median;"
+    speed = f"speed:     {f.name}'s optimizer.step() is {report.speedup_median:.2f}x faster than {t.name}'s (median;"
     speed += f" {report.speedup_mean:.2f}x in the mean)"
     lines = [
         *(wrapped for line in (*_comparison(report), speed) for wrapped in _wrap(line, "drift:" not in line)),
@@ -292,9 +310,10 @@ def format_summary(report: TrainReport) -> str:
     if report.diverged:
         names = " and ".join(run.name for run, _ in report.diverged)
         whys = "; ".join(f"{run.name}: {why}" for run, why in report.diverged)
+        momentum = " or --momentum" if "momentum" in report.config else ""
         lines += [
             "",
-            *_wrap(f"DIVERGED:  {names} did not train ({whys}); lower --lr (now {report.config['lr']}) or --momentum"),
+            *_wrap(f"DIVERGED:  {names} did not train ({whys}); lower --lr (now {report.config['lr']}){momentum}"),
         ]
     return "\n".join(lines)
 
