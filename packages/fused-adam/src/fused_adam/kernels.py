@@ -75,7 +75,7 @@ def _update(
 
 def _count_step(
     state: Mapping[str, torch.Tensor], hp: Mapping[str, Any], run: RunInfo
-) -> tuple[torch.Tensor | None, ...]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Start the run's state at zero on its first step, count this step; returns the moments
     ``(exp_avg, exp_avg_sq, max_exp_avg_sq or None)``."""
     steps, vmax = state["step"], state["max_exp_avg_sq"] if hp["amsgrad"] else None
