@@ -52,7 +52,10 @@
  * fused-sgd's sgd.c. Memory is crossed once: p, g, m, v (mx) read, p, m, v (mx) written; within a
  * block of BLOCK elements, a first loop updates the state and leaves p, m and the sqrt argument in
  * small fp32/fp64 scratch arrays (in L1), the square roots are taken, a second loop updates p; the
- * next blocks' cache lines are prefetched meanwhile. Built with -ffp-contract=off (no fusing but the
+ * next blocks' cache lines are prefetched meanwhile. Segments shorter than a block share one: each
+ * thread stages consecutive segments' first loops in its scratch arrays and takes one square root
+ * call per full block (DEFINE_STAGED); the scalars are computed once per run of equal steps, and a
+ * later small slot's (scattered) lines are prefetched. Built with -ffp-contract=off (no fusing but the
  * explicit fma calls) and -fno-math-errno (so that the fallback sqrt vectorises; the bits are the
  * same without it); every flag set of fused_core.native gives the same bits.
  */
@@ -255,6 +258,64 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
         else ADAM_AMS(F, ARGS, WD_NONE, amsgrad);                                  \
     } while (0)
 
+/* Small segments share a block: the first loop of each segment stages its p, m and sqrt argument
+ * in the thread's scratch arrays, one square root call covers the staged elements of several
+ * segments, and the second loop of each staged segment then updates its p (thousands of 64-element
+ * parameters would otherwise cost an MKL call each). */
+#define DEFINE_STAGED(NAME, T, C, U, STATE, SQRT_BLOCK, STORE)                                             \
+    struct NAME##_ctx {                                                                                   \
+        int fill, segs;                                                                                   \
+        C p[BLOCK], m[BLOCK], arg[BLOCK], root[BLOCK];                                                    \
+        struct { T *out; int at, count; C neg_step_size, bc2_sqrt, eps; } seg[BLOCK];                     \
+    };                                                                                                    \
+    static void NAME##_flush(struct NAME##_ctx *c) {                                                      \
+        if (c->fill == 0) return;                                                                         \
+        SQRT_BLOCK(c->arg, c->root, c->fill);                                                             \
+        for (int k = 0; k < c->segs; k++) {                                                               \
+            T *restrict out = c->seg[k].out;                                                              \
+            const C *restrict p = c->p + c->seg[k].at, *restrict m = c->m + c->seg[k].at;                 \
+            const C *restrict root = c->root + c->seg[k].at;                                              \
+            const C neg_step_size = c->seg[k].neg_step_size, bc2_sqrt = c->seg[k].bc2_sqrt,               \
+                    eps = c->seg[k].eps;                                                                  \
+            const int count = c->seg[k].count;                                                            \
+            for (int i = 0; i < count; i++) out[i] = STORE(p[i] + neg_step_size * m[i] / (root[i] / bc2_sqrt + eps)); \
+        }                                                                                                 \
+        c->fill = 0;                                                                                      \
+        c->segs = 0;                                                                                      \
+    }                                                                                                     \
+    static void NAME(struct NAME##_ctx *c, T *param, const T *grad, T *exp_avg, T *exp_avg_sq,            \
+                     T *max_exp_avg_sq, int64_t n, const struct adam_hyper *h, const struct adam_scalars *s) { \
+        const C w = (C)s->lerp_weight;                                                                    \
+        const int small = fabs((double)w) < 0.5; /* ATen's lerp: |weight| < 0.5, weight in C */          \
+        const C k[5] = {small ? w : w - (C)1, (C)s->c2, (C)s->beta2, (C)s->wd, (C)s->decay};              \
+        const U sign = h->maximize ? (U)1 << (8 * sizeof(U) - 1) : 0, lerp_base_is_m = small ? ~(U)0 : 0; \
+        const C bc2_sqrt = (C)s->bc2_sqrt, eps = (C)s->eps, neg_step_size = (C)s->neg_step_size;          \
+        const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2;                 \
+        for (int64_t at = 0; at < n;) {                                                                   \
+            int64_t room = BLOCK - c->fill, count = n - at < room ? n - at : room;                        \
+            int64_t ahead = at + PREFETCH_AHEAD;                                                          \
+            if (ahead + BLOCK <= n)                                                                       \
+                prefetch(param + ahead, grad + ahead, exp_avg + ahead, exp_avg_sq + ahead,                \
+                         max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + ahead, BLOCK * (int64_t)sizeof(T));   \
+            int f = c->fill;                                                                              \
+            ADAM_DISPATCH(STATE,                                                                          \
+                          (param + at, grad + at, exp_avg + at, exp_avg_sq + at,                          \
+                           max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + at, count, k, sign, lerp_base_is_m, \
+                           c->p + f, c->m + f, c->arg + f),                                               \
+                          wd_mode, h->amsgrad);                                                           \
+            int q = c->segs++;                                                                            \
+            c->seg[q].out = param + at;                                                                   \
+            c->seg[q].at = f;                                                                             \
+            c->seg[q].count = (int)count;                                                                 \
+            c->seg[q].neg_step_size = neg_step_size;                                                      \
+            c->seg[q].bc2_sqrt = bc2_sqrt;                                                                \
+            c->seg[q].eps = eps;                                                                          \
+            c->fill = f + (int)count;                                                                     \
+            at += count;                                                                                  \
+            if (c->fill == BLOCK) NAME##_flush(c);                                                        \
+        }                                                                                                 \
+    }
+
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
 
@@ -262,6 +323,10 @@ DEFINE_UPDATE(update_f32, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrt
 DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, sqrt_block_f64, same_f64, same_f64)
 DEFINE_UPDATE(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrt_block_f32, fused_load_bf16,
               fused_store_bf16)
+
+DEFINE_STAGED(staged_f32, float, float, uint32_t, update_f32_state, sqrt_block_f32, same_f32)
+DEFINE_STAGED(staged_f64, double, double, uint64_t, update_f64_state, sqrt_block_f64, same_f64)
+DEFINE_STAGED(staged_bf16, uint16_t, float, uint32_t, update_bf16_state, sqrt_block_f32, fused_store_bf16)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
 static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
@@ -287,9 +352,21 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
     }
 }
 
+/* fp16 converts whole blocks: nothing staged across segments. */
+struct staged_fp16_ctx { int unused; };
+static void staged_fp16_flush(struct staged_fp16_ctx *c) { (void)c; }
+static void staged_fp16(struct staged_fp16_ctx *c, uint16_t *param, const uint16_t *grad, uint16_t *exp_avg,
+                        uint16_t *exp_avg_sq, uint16_t *max_exp_avg_sq, int64_t n, const struct adam_hyper *h,
+                        const struct adam_scalars *s) {
+    (void)c;
+    update_fp16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, h, s);
+}
+
+FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
+
 /* ------------------------------------------------------------------------------------------------
  * The driver: pieces of PIECE elements over the concatenation of the slots that have a gradient. */
-#define DEFINE_SEGMENTS(NAME, T, UPDATE)                                                                    \
+#define DEFINE_SEGMENTS(NAME, T, UPDATE, STAGED)                                                                    \
     int64_t NAME(T *param, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, const double *steps,               \
                  const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets,                  \
                  const int64_t *numels, uint8_t *initialized, int64_t slots, double lr, double beta1,       \
@@ -304,6 +381,9 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
         _Pragma("omp parallel num_threads(threads) if(pieces > 1 && threads > 1)")                           \
         {                                                                                                  \
         int mkl_threads = mkl_sequential();                                                                \
+        struct STAGED##_ctx *ctx = calloc(1, sizeof(struct STAGED##_ctx));                                   \
+        double scalars_step = NAN;                                                                         \
+        struct adam_scalars s;                                                                             \
         _Pragma("omp for schedule(dynamic, 1)")                                                            \
         for (int64_t k = 0; k < pieces; k++) {                                                             \
             int64_t from = k * PIECE, to = from + PIECE < total ? from + PIECE : total;                    \
@@ -316,6 +396,12 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
                        fused_back_to_back(has_grad, offsets, numels, grad_ptrs, j, (int64_t)sizeof(T)) &&  \
                        initialized[j + 1] == initialized[i] && steps[j + 1] == steps[i])                   \
                     j++;                                                                                   \
+                if (j + 4 < slots && has_grad[j + 4] && numels[j + 4] > 0 && starts[j + 4] < to &&       \
+                    b_small(numels[i])) { /* small slots: ask for a later one's lines, scattered gradients */ \
+                    int64_t o = offsets[j + 4], nb = (numels[j + 4] < 64 ? numels[j + 4] : 64) * (int64_t)sizeof(T); \
+                    prefetch(param + o, (const T *)(intptr_t)grad_ptrs[j + 4], exp_avg + o, exp_avg_sq + o,  \
+                             max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + o, nb);                             \
+                }                                                                                          \
                 int64_t a = from > starts[i] ? from - starts[i] : 0;                                       \
                 int64_t b = (to < starts[j + 1] ? to : starts[j + 1]) - starts[i];                         \
                 const T *grad = (const T *)(intptr_t)grad_ptrs[i];                                         \
@@ -326,18 +412,21 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
                     memset(v, 0, (size_t)(b - a) * sizeof(T));                                             \
                     if (mx != 0) memset(mx, 0, (size_t)(b - a) * sizeof(T));                               \
                 }                                                                                          \
-                struct adam_scalars s = adam_scalars(&h, steps[i]);                                        \
-                UPDATE(param + offsets[i] + a, grad + a, m, v, mx, b - a, &h, &s);                         \
+                if (!(steps[i] == scalars_step)) { s = adam_scalars(&h, steps[i]); scalars_step = steps[i]; } \
+                if (ctx != 0) STAGED(ctx, param + offsets[i] + a, grad + a, m, v, mx, b - a, &h, &s);      \
+                else UPDATE(param + offsets[i] + a, grad + a, m, v, mx, b - a, &h, &s);                    \
                 i = j;                                                                                     \
             }                                                                                              \
         }                                                                                                  \
+        if (ctx != 0) STAGED##_flush(ctx);                                                                 \
+        free(ctx);                                                                                         \
         mkl_threads_restore(mkl_threads);                                                                  \
         }                                                                                                  \
         free(starts);                                                                                      \
         return fused_mark_started(has_grad, initialized, slots);                                           \
     }
 
-DEFINE_SEGMENTS(adam_segments_f32, float, update_f32)
-DEFINE_SEGMENTS(adam_segments_f64, double, update_f64)
-DEFINE_SEGMENTS(adam_segments_bf16, uint16_t, update_bf16)
-DEFINE_SEGMENTS(adam_segments_fp16, uint16_t, update_fp16)
+DEFINE_SEGMENTS(adam_segments_f32, float, update_f32, staged_f32)
+DEFINE_SEGMENTS(adam_segments_f64, double, update_f64, staged_f64)
+DEFINE_SEGMENTS(adam_segments_bf16, uint16_t, update_bf16, staged_bf16)
+DEFINE_SEGMENTS(adam_segments_fp16, uint16_t, update_fp16, staged_fp16)
