@@ -586,6 +586,27 @@ class OptimizerConformance:
             side.give(case.grads(step, side.params[0].dtype))
             side.step()
 
+    def _second_half(
+        self,
+        case: _Case,
+        stepped: Sequence[_Side],
+        compared: Sequence[_Side],
+        reference: _Side,
+        *,
+        after: str,
+        exact: bool,
+        context: str,
+    ) -> None:
+        """Steps ``steps`` to ``2 * steps`` of every side of ``stepped`` (in that order), each side of
+        ``compared`` checked against ``reference`` after every step: the second half of a test that
+        loaded, resumed or copied an optimizer ``after`` the first."""
+        steps = type(self).steps
+        for step in range(steps, 2 * steps):
+            self._step(case, step, *stepped)
+            when = f"step {step + 1}, {step - steps + 1} after {after}"
+            for side in compared:
+                self._assert_match(side, reference, exact=exact, when=when, context=context)
+
     def _exact(self, dtype: torch.dtype) -> bool:
         return dtype in type(self).exact_dtypes
 
@@ -797,11 +818,9 @@ class OptimizerConformance:
             "reference loaded from the optimizer", cls.reference_cls, case, config, cls.dtype, fused.params
         )
         resumed.optimizer.load_state_dict(saved)
-        for step in range(cls.steps, 2 * cls.steps):
-            self._step(case, step, resumed, truth, fused)
-            when = f"step {step + 1}, {step - cls.steps + 1} after loading"
-            self._assert_match(resumed, truth, exact=exact, when=when, context=context)
-            self._assert_match(fused, truth, exact=exact, when=when, context=context)
+        self._second_half(
+            case, (resumed, truth, fused), (resumed, fused), truth, after="loading", exact=exact, context=context
+        )
 
     def test_state_dict_from_reference(self, config: Mapping[str, Any]) -> None:
         """The reference's checkpoint loads into the optimizer, which resumes as the reference."""
@@ -824,10 +843,7 @@ class OptimizerConformance:
             what="state_dict() after load_state_dict",
             context=context,
         )
-        for step in range(cls.steps, 2 * cls.steps):
-            self._step(case, step, resumed, truth)
-            when = f"step {step + 1}, {step - cls.steps + 1} after loading"
-            self._assert_match(resumed, truth, exact=exact, when=when, context=context)
+        self._second_half(case, (resumed, truth), (resumed,), truth, after="loading", exact=exact, context=context)
 
     def test_checkpoint_resume(self, config: Mapping[str, Any]) -> None:
         """Model and optimizer checkpoint (torch.save / torch.load(weights_only=True)) into new ones."""
@@ -842,10 +858,7 @@ class OptimizerConformance:
         resumed = self._side("resumed optimizer", cls.optimizer_cls, case, config, cls.dtype)
         resumed.model.load_state_dict(checkpoint["model"])
         resumed.optimizer.load_state_dict(checkpoint["optimizer"])
-        for step in range(cls.steps, 2 * cls.steps):
-            self._step(case, step, resumed, truth)
-            when = f"step {step + 1}, {step - cls.steps + 1} after resuming"
-            self._assert_match(resumed, truth, exact=exact, when=when, context=context)
+        self._second_half(case, (resumed, truth), (resumed,), truth, after="resuming", exact=exact, context=context)
 
     def test_reallocation(self, config: Mapping[str, Any]) -> None:
         """``p.data = p.data.clone()`` and a ``model.to(dtype)`` round trip between steps."""
@@ -1006,11 +1019,10 @@ class OptimizerConformance:
         params = [param for group in copied.param_groups for param in group["params"]]
         copy_side = _Side(f"{copy_with} copy", params, copied, case.specs)
         self._assert_match(copy_side, fused, exact=True, when=f"right after {copy_with}", context=context)
-        for step in range(cls.steps, 2 * cls.steps):
-            self._step(case, step, copy_side, fused, ref)
-            when = f"step {step + 1}, {step - cls.steps + 1} after the {copy_with}"
-            self._assert_match(copy_side, ref, exact=exact, when=when, context=context)
-            self._assert_match(fused, ref, exact=exact, when=when, context=context)
+        after = f"the {copy_with}"
+        self._second_half(
+            case, (copy_side, fused, ref), (copy_side, fused), ref, after=after, exact=exact, context=context
+        )
 
     def test_closure(self, config: Mapping[str, Any]) -> None:
         """``step(closure)`` runs the closure with gradients enabled and returns its loss."""
