@@ -146,7 +146,10 @@ void prefetch_ahead(const int64_t* params, int64_t n, int64_t i, bool reader) {
 
 // ----- the deferred release ---------------------------------------------------------------------
 constexpr size_t REAP_BATCH = 256;  // tensors the reaper destroys between two looks at its queue
-constexpr size_t HAND_OVER = 1024;  // tensors fused_clear_grads collects before it hands them over
+constexpr size_t HAND_OVER = 16384;  // tensors fused_clear_grads collects before it hands them over
+// (The reaper destroys what it was handed on another core while the walk goes on: the two share
+// the memory system, and hand-overs of 1024 made the walk twice as slow as of 16384.)
+constexpr size_t SPARE_BATCHES = 8;  // emptied batches kept (with their capacity) for the next hand-overs
 constexpr int64_t TENSOR_OVERHEAD = sizeof(c10::TensorImpl) + sizeof(c10::StorageImpl) + 64;
 // ^ bytes counted per tensor beyond its data: its TensorImpl, StorageImpl and malloc's headers
 
@@ -155,13 +158,21 @@ struct Dropped {
     int64_t bytes;          // what it counts in pending_bytes
 };
 
+using Batch = std::vector<Dropped>;
+
 // What the threads share. Allocated once and never destroyed: the reaper may still wait on its
-// condition variable while the process's static objects are destroyed at exit.
+// condition variable while the process's static objects are destroyed at exit. A hand-over moves a
+// whole batch into the queue (no copy, no allocation while the mutex is held but the queue's own
+// nodes, a few per thousands of tensors); the reaper takes REAP_BATCH tensors at a time from the
+// front batch and keeps emptied batches as spares, whose capacity the next hand-overs reuse.
 struct Reaper {
     pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t work = PTHREAD_COND_INITIALIZER;  // the reaper waits here for gradients
     pthread_cond_t idle = PTHREAD_COND_INITIALIZER;  // fork, exit and wait_released wait here for `busy` to fall
-    std::deque<Dropped> queue;                       // handed over, not yet taken by the reaper
+    std::deque<Batch> queue;                         // handed over; the front one's first `front_taken` are taken
+    size_t front_taken = 0;
+    int64_t queued = 0;                              // handed over, not yet taken by the reaper
+    std::vector<Batch> spares;                       // emptied batches, capacity kept
     int64_t in_hand = 0;                             // taken by the reaper, being destroyed
     bool busy = false;     // the reaper is destroying a batch, outside the mutex
     bool started = false;  // a reaper runs in this process
@@ -187,15 +198,28 @@ int64_t destroy(const Dropped* dropped, size_t count) noexcept {
     return bytes;
 }
 
+// With the mutex held: drops the emptied front batch of the queue, kept as a spare if there is room.
+void retire_front(Reaper& r) noexcept {
+    Batch emptied = std::move(r.queue.front());
+    r.queue.pop_front();
+    r.front_taken = 0;
+    emptied.clear();
+    if (r.spares.size() < SPARE_BATCHES && r.spares.capacity() >= SPARE_BATCHES) r.spares.push_back(std::move(emptied));
+}
+
 void* reap(void*) {
     Reaper& r = reaper();
     Dropped batch[REAP_BATCH];  // nothing the reaper does allocates but the destructors' free()s
     pthread_mutex_lock(&r.mutex);
     for (;;) {
-        while (r.queue.empty() || r.held || r.stopping.load()) pthread_cond_wait(&r.work, &r.mutex);
-        const size_t take = r.queue.size() < REAP_BATCH ? r.queue.size() : REAP_BATCH;
-        std::copy(r.queue.begin(), r.queue.begin() + static_cast<std::ptrdiff_t>(take), batch);
-        r.queue.erase(r.queue.begin(), r.queue.begin() + static_cast<std::ptrdiff_t>(take));
+        while (r.queued == 0 || r.held || r.stopping.load()) pthread_cond_wait(&r.work, &r.mutex);
+        Batch& front = r.queue.front();
+        const size_t left = front.size() - r.front_taken, take = left < REAP_BATCH ? left : REAP_BATCH;
+        std::copy(front.begin() + static_cast<std::ptrdiff_t>(r.front_taken),
+                  front.begin() + static_cast<std::ptrdiff_t>(r.front_taken + take), batch);
+        r.front_taken += take;
+        r.queued -= static_cast<int64_t>(take);
+        if (r.front_taken == front.size()) retire_front(r);
         r.busy = true;
         r.in_hand = static_cast<int64_t>(take);
         pthread_mutex_unlock(&r.mutex);
@@ -275,6 +299,10 @@ bool register_handlers() {
 
 // Starts the reaper, with the mutex held; false where no thread can be had.
 bool start_reaper(Reaper& r) {
+    try {
+        r.spares.reserve(SPARE_BATCHES);  // keeping a spare then never allocates
+    } catch (...) {
+    }
     pthread_attr_t attributes;
     if (pthread_attr_init(&attributes) != 0) return false;
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
@@ -293,29 +321,42 @@ bool start_reaper(Reaper& r) {
 }
 
 // Hands `batch` (`bytes` in all) to the reaper and empties it; destroys it here where there is no
-// reaper to hand it to.
-void hand_over(std::vector<Dropped>& batch, int64_t bytes) {
-    if (batch.empty()) return;
+// reaper to hand it to. With `refill`, `batch` then has room for HAND_OVER tensors again (a spare's,
+// or newly reserved: that may throw, with `batch` empty).
+void hand_over(Batch& batch, int64_t bytes, bool refill) {
     Reaper& r = reaper();
-    if (!register_handlers()) r.broken.store(true);
-    bool taken = false;
-    pthread_mutex_lock(&r.mutex);
-    if (!r.stopping.load() && !r.broken.load()) {
-        if (!r.started && !start_reaper(r)) r.broken.store(true);
-        if (r.started) {
-            try {
-                r.queue.insert(r.queue.end(), batch.begin(), batch.end());
-                r.pending_bytes.fetch_add(bytes);
-                r.handed += static_cast<int64_t>(batch.size());
-                pthread_cond_signal(&r.work);
-                taken = true;
-            } catch (...) {  // out of memory: the queue is as it was (inserting at its end is all or nothing)
+    if (!batch.empty()) {
+        if (!register_handlers()) r.broken.store(true);
+        bool taken = false;
+        pthread_mutex_lock(&r.mutex);
+        if (!r.stopping.load() && !r.broken.load()) {
+            if (!r.started && !start_reaper(r)) r.broken.store(true);
+            if (r.started) {
+                try {
+                    const int64_t count = static_cast<int64_t>(batch.size());
+                    r.queue.push_back(std::move(batch));  // all or nothing: a vector moves without throwing
+                    r.queued += count;
+                    r.pending_bytes.fetch_add(bytes);
+                    r.handed += count;
+                    pthread_cond_signal(&r.work);
+                    taken = true;
+                } catch (...) {  // out of memory: the queue is as it was, `batch` too
+                }
             }
         }
+        pthread_mutex_unlock(&r.mutex);
+        if (!taken) destroy(batch.data(), batch.size());
+        batch.clear();
     }
-    pthread_mutex_unlock(&r.mutex);
-    if (!taken) destroy(batch.data(), batch.size());
-    batch.clear();
+    if (refill && batch.capacity() < HAND_OVER) {
+        pthread_mutex_lock(&r.mutex);
+        if (!r.spares.empty()) {
+            batch = std::move(r.spares.back());
+            r.spares.pop_back();
+        }
+        pthread_mutex_unlock(&r.mutex);
+        batch.reserve(HAND_OVER);  // no-op for a spare
+    }
 }
 
 #if FUSED_DEFERRED_RELEASE
@@ -391,6 +432,15 @@ int64_t release_cost(const at::Tensor& grad, const Rules& rules) {
 #endif
 }
 
+// Keeps an emptied batch's capacity for the next call.
+void keep_spare(Batch&& batch) noexcept {
+    if (batch.capacity() < HAND_OVER) return;
+    Reaper& r = reaper();
+    pthread_mutex_lock(&r.mutex);
+    if (r.spares.size() < SPARE_BATCHES && r.spares.capacity() >= SPARE_BATCHES) r.spares.push_back(std::move(batch));
+    pthread_mutex_unlock(&r.mutex);
+}
+
 int64_t clear_grads(const int64_t* params, int64_t n, int64_t cap_bytes, int64_t max_tensor_bytes) {
     Reaper& r = reaper();
     const Rules rules = rules_for(max_tensor_bytes);
@@ -399,8 +449,8 @@ int64_t clear_grads(const int64_t* params, int64_t n, int64_t cap_bytes, int64_t
                        !c10::memoryProfilingEnabled() && !FLAGS_caffe2_report_cpu_memory_usage;
     int64_t budget = defer ? cap_bytes - r.pending_bytes.load() : 0;
     int64_t handed = 0, batch_bytes = 0;
-    std::vector<Dropped> batch;
-    if (budget > 0) batch.reserve(HAND_OVER);  // never grows: push_back cannot throw
+    Batch batch;
+    if (budget > 0) hand_over(batch, 0, true);  // room for HAND_OVER: push_back cannot throw
     try {
         for (int64_t i = 0; i < n; i++) {
             prefetch_ahead(params, n, i, false);
@@ -417,32 +467,41 @@ int64_t clear_grads(const int64_t* params, int64_t n, int64_t cap_bytes, int64_t
             batch.push_back({grad.unsafeReleaseTensorImpl(), bytes});
             if (batch.size() == HAND_OVER) {
                 handed += static_cast<int64_t>(batch.size());
-                hand_over(batch, batch_bytes);
+                const int64_t bytes_handed = batch_bytes;
                 batch_bytes = 0;
+                hand_over(batch, bytes_handed, true);
             }
         }
     } catch (...) {
-        hand_over(batch, batch_bytes);  // the references in `batch` are not lost
+        hand_over(batch, batch_bytes, false);  // the references in `batch` are not lost
         throw;
     }
     handed += static_cast<int64_t>(batch.size());
-    hand_over(batch, batch_bytes);
+    hand_over(batch, batch_bytes, false);
+    keep_spare(std::move(batch));
     return handed;
 }
 
 int64_t wait_released() {
     Reaper& r = reaper();
-    std::deque<Dropped> orphans;
+    std::deque<Batch> orphans;
+    size_t orphans_taken = 0;
     pthread_mutex_lock(&r.mutex);
-    const int64_t waited = static_cast<int64_t>(r.queue.size()) + r.in_hand;
+    const int64_t waited = r.queued + r.in_hand;
     if (r.started && !r.stopping.load()) {
-        while (!r.queue.empty() || r.busy) pthread_cond_wait(&r.idle, &r.mutex);
-    } else {
-        orphans.swap(r.queue);  // no reaper (a forked child): destroy them here
+        while (r.queued > 0 || r.busy) pthread_cond_wait(&r.idle, &r.mutex);
+    } else {  // no reaper (a forked child): destroy them here
+        orphans.swap(r.queue);
+        orphans_taken = r.front_taken;
+        r.front_taken = 0;
+        r.queued = 0;
     }
     pthread_mutex_unlock(&r.mutex);
     int64_t bytes = 0;
-    for (const Dropped& dropped : orphans) bytes += destroy(&dropped, 1);
+    for (const Batch& orphan : orphans) {
+        bytes += destroy(orphan.data() + orphans_taken, orphan.size() - orphans_taken);
+        orphans_taken = 0;
+    }
     r.pending_bytes.fetch_sub(bytes);
     return waited;
 }
@@ -492,7 +551,7 @@ int64_t fused_clear_grads(const int64_t* params, int64_t n, int64_t cap_bytes, i
 void fused_release_pending(int64_t* out) {
     Reaper& r = reaper();
     pthread_mutex_lock(&r.mutex);
-    out[0] = static_cast<int64_t>(r.queue.size()) + r.in_hand;
+    out[0] = r.queued + r.in_hand;
     out[1] = r.pending_bytes.load();
     out[2] = r.handed;
     pthread_mutex_unlock(&r.mutex);
