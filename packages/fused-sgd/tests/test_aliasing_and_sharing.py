@@ -212,8 +212,9 @@ class SideBySide:
                 if theirs.grad is not None:
                     ours.grad = theirs.grad.clone(memory_format=torch.preserve_format)
 
-    def step(self) -> None:
-        self.backward()
+    def step(self, *, new_grads: bool = True) -> None:
+        if new_grads:
+            self.backward()
         self.ours.step()
         self.theirs.step()
         self.steps += 1
@@ -339,9 +340,7 @@ def test_shared_memory_before_the_first_step_is_refused_and_nothing_moves(
     for p in pair.model.parameters():
         if p.is_shared():
             p.data = p.data.clone()
-    pair.ours.step()
-    pair.theirs.step()
-    pair.steps += 1
+    pair.step(new_grads=False)
     pair.check("after un-sharing")
     pair.train(2)
 
@@ -505,6 +504,98 @@ def test_tied_weights_train_like_torch(dtype: torch.dtype) -> None:
     assert pair.model.decoder.weight is pair.model.embedding.weight
     pair.train(5)
     assert pair.model.decoder.weight is pair.model.embedding.weight
+
+
+# ----- 2b. views into a storage something else holds (ZeRO's parameters_as_bucket_view) -------
+def into_bucket(model: nn.Module) -> Tensor:
+    """What ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)`` does to a rank's parameters:
+    one flat bucket, every parameter re-pointed to its slice, the bucket kept (ZeRO broadcasts it)."""
+    params = list(model.parameters())
+    bucket = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype)
+    offset = 0
+    for p in params:
+        bucket[offset : offset + p.numel()].copy_(p.data.flatten())
+        p.data = bucket[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return bucket
+
+
+def refused_as_held_view(pair: SideBySide, named: bool) -> None:
+    saved = save(pair.ours, pair.model.parameters())
+    for attempt in range(2):
+        with pytest.raises(InvalidParameterError) as error:
+            pair.ours.step()
+        message = str(error.value)
+        where = pair.where(f"attempt {attempt}: {message}")
+        assert describe(named, "0.weight", 0) in message, where
+        assert "parameters_as_bucket_view=False" in message and "shares its storage" in message, where
+        assert_unchanged(pair.ours, saved, where)
+
+
+@dtypes
+@naming
+def test_views_into_a_held_bucket_are_refused_and_nothing_moves(named: bool, dtype: torch.dtype) -> None:
+    """Moving them into a flat buffer would leave the bucket (what ZeRO broadcasts) with stale values."""
+    pair = SideBySide(mlp, dtype, named=named)
+    bucket, twin_bucket = into_bucket(pair.model), into_bucket(pair.twin)
+    pair.backward()
+    before = bucket.clone()
+    refused_as_held_view(pair, named)
+    assert torch.equal(bucket, before), pair.where("the bucket changed")
+    del bucket  # nothing holds the bucket but the parameters: the same gradients give torch's first step
+    pair.step(new_grads=False)
+    pair.check("after the bucket was dropped")
+    pair.train(2)
+    assert twin_bucket.data_ptr() == pair.twin[0].weight.data_ptr(), "torch steps the bucket in place"
+
+
+@naming
+def test_views_into_a_held_bucket_after_the_first_steps_are_refused_at_the_next_step(named: bool) -> None:
+    pair = SideBySide(mlp, torch.float32, named=named)
+    pair.train(2)
+    bucket = into_bucket(pair.model)
+    into_bucket(pair.twin)
+    pair.backward()
+    refused_as_held_view(pair, named)
+    assert bucket.numel() == sum(p.numel() for p in pair.model.parameters())
+
+
+@dtypes
+def test_a_flat_view_kept_over_a_parameter_is_refused(dtype: torch.dtype) -> None:
+    """ZeRO's bucket of one parameter is a flat view over its whole storage: it sees torch's in-place
+    updates, it would not see ours."""
+    pair = SideBySide(mlp, dtype, named=True)
+    alias = pair.model[0].weight.detach().view(-1)
+    pair.backward()
+    refused_as_held_view(pair, named=True)
+    del alias
+    pair.step(new_grads=False)
+    pair.check("after the alias was dropped")
+
+
+def test_a_same_shape_alias_kept_is_not_refused_and_keeps_the_old_values() -> None:
+    """``p.data = w`` (or ``nn.Parameter(w)``) with ``w`` kept is how weights are set: it trains like
+    torch; ``w`` keeps the values it had at the first step (docs/migration.md)."""
+    pair = SideBySide(mlp, torch.float32)
+    kept = pair.model[0].weight.detach()
+    first_values = kept.clone()
+    pair.train(2)
+    assert torch.equal(kept, first_values)
+    assert not torch.equal(pair.model[0].weight, first_values)
+
+
+def test_a_graph_kept_with_retain_graph_at_the_first_step_is_not_a_holder() -> None:
+    """Autograd's saved views of the weights (``weight.t()``) hold their storage too, without a Python
+    object: a first step taken while such a graph is kept trains like torch."""
+    pair = SideBySide(mlp, torch.float32)
+    inputs, targets = mlp_batch(pair.generator, torch.float32)
+    losses = [F.cross_entropy(model(inputs), targets) for model in (pair.model, pair.twin)]
+    for loss in losses:
+        loss.backward(retain_graph=True)
+    pair.step(new_grads=False)
+    pair.check("first step with the graph kept")
+    del losses
+    pair.train(2)
 
 
 # ----- 3. .data swapped between parameters, or replaced --------------------------------------

@@ -122,18 +122,14 @@ def bucket_view_case() -> dict[str, float] | str:
     return outcome(model, reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ZeRO(parameters_as_bucket_view=True) points every parameter into ZeRO's own buckets and "
-    "broadcasts those; FusedSGD's first step re-points the local shard into its flat buffer, so the "
-    "owner broadcasts stale buckets and the replicas diverge, silently",
-)
-def test_zero_parameters_as_bucket_view_is_right_or_rejected(two_ranks):
-    results = two_ranks.run(bucket_view_case)
-    if all(isinstance(result, str) for result in results):
-        assert all("parameter" in message for message in results), results
-    else:
-        check(results)
+def test_zero_parameters_as_bucket_view_is_rejected_naming_a_parameter(two_ranks):
+    """ZeRO points every parameter into its own per-rank bucket and broadcasts that bucket after
+    each step; FusedSGD would move the parameters into its flat buffer and ZeRO would broadcast
+    stale values. The first step refuses, on every rank, naming a parameter and the fix."""
+    for message in two_ranks.run(bucket_view_case):
+        assert isinstance(message, str), f"not refused: {message}"
+        assert "parameter (param group 0, index 0" in message, message
+        assert "parameters_as_bucket_view=False" in message, message
 
 
 def overlap_case() -> str:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
+from . import storage
 from .backends import get_backend
 from .buckets import BucketPlan, Slot
 
@@ -46,7 +47,9 @@ class FlatBucket:
         """Every slot's element count."""
 
     def _make(self) -> torch.Tensor:
-        return self.backend.zeros(self.plan.numel, self.plan.dtype, self.plan.device)
+        buffer = self.backend.zeros(self.plan.numel, self.plan.dtype, self.plan.device)
+        storage.remember_flat(buffer)
+        return buffer
 
     def allocate_state(self, names: Iterable[str]) -> bool:
         """Allocate the state buffers ``names`` not allocated yet (zeros), once the parameters are in

@@ -173,6 +173,7 @@ class Layout:
         self._check_complete(state, all_slots, self.group_names)
         storage.check_not_shared(all_slots)
         storage.check_disjoint(all_slots)
+        storage.check_not_viewed(all_slots)
         self.buckets = [FlatBucket(plan, self.state_names, self.scalar_names) for plan in plans]
         self._launchers = dict(zip(self.buckets, launchers))
         self._segment_launchers: dict[FlatBucket, SegmentLauncher] = {
@@ -556,6 +557,7 @@ class Layout:
             slots = [slot for bucket in self.buckets for slot in bucket.plan.slots]
             storage.check_not_shared(slots)
             storage.check_disjoint(slots)
+            storage.check_not_viewed(slots)
         flat_storages = {bucket.params.untyped_storage().data_ptr() for bucket in self.buckets}
         for _bucket, slot in readopt_params:
             if slot.param.untyped_storage().data_ptr() in flat_storages:  # e.g. .data swapped between

@@ -7,6 +7,13 @@ and both are refused with an error that names the parameters, before anything is
 * **shared memory** (``model.share_memory()``, ``torch.multiprocessing``): Hogwild-style
   workers step parameters that other processes read. A private flat buffer would take the
   parameters out of shared memory, so no update would reach the other processes.
+* **a view into a storage held elsewhere**: a parameter that lies inside a larger storage
+  which something besides the optimizer's parameters also holds: the bucket of
+  ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)`` (which it broadcasts after every
+  step), FSDP1's flat parameter, or a tensor the parameters were cut from. Moving the parameter
+  would leave that holder with the old values, so the update would be lost to it, silently.
+  Parameters cut from a tensor nobody else holds, and parameters in a flat buffer of fused-core
+  (an earlier optimizer's), are laid out as usual.
 * **aliasing**: two parameters whose elements overlap (``b = nn.Parameter(a.data)``, views
   of one tensor that overlap, ``p.data = q.data``). torch steps the shared memory with both
   gradients; separate slots would step two copies. Parameters over *disjoint* parts of one
@@ -19,9 +26,12 @@ O(span) for two parameters whose spans (first to last element) overlap.
 
 from __future__ import annotations
 
+import gc
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .buckets import Slot
 from .errors import InvalidParameterError
@@ -46,6 +56,82 @@ def check_not_shared(slots: Iterable[Slot]) -> None:
                 "the other processes. For Hogwild-style training use torch.optim.SGD; otherwise build the "
                 "optimizer over parameters that are not shared"
             )
+
+
+_FLAT_STORAGES: dict[int, StorageWeakRef] = {}
+"""The storages of fused-core's flat buffers, by their ``_cdata``, as weak references: a parameter
+in one of them was laid out by a fused optimizer, and may be laid out again."""
+
+
+def remember_flat(buffer: torch.Tensor) -> None:
+    """Record ``buffer``'s storage as a fused-core flat buffer (see :func:`check_not_viewed`)."""
+    for cdata in [cdata for cdata, ref in _FLAT_STORAGES.items() if ref.expired()]:
+        del _FLAT_STORAGES[cdata]
+    if buffer.numel():
+        ref = StorageWeakRef(buffer.untyped_storage())
+        _FLAT_STORAGES[ref.cdata] = ref
+
+
+def _is_flat(cdata: int) -> bool:
+    ref = _FLAT_STORAGES.get(cdata)
+    return ref is not None and not ref.expired()
+
+
+def check_not_viewed(slots: Iterable[Slot]) -> None:
+    """Refuse a parameter whose storage something besides the optimizer's own parameters also
+    references, where that is a view into a larger storage (ZeRO's bucket view, FSDP1's flat
+    parameter, the tensor the parameters were cut from) or a Python tensor of another shape over
+    the parameter's whole storage (ZeRO's bucket of a single parameter, a flattened view kept):
+    moving the parameter would leave that holder with old values. Each parameter's tensor holds
+    one reference to its storage, and the storage object made to ask holds one more.
+
+    Over a parameter's whole storage, two kinds of holders are let through. A tensor of the
+    parameter's own shape (``p.data = w`` or ``nn.Parameter(w)`` with ``w`` kept, ``p.detach()``)
+    is the everyday way of setting weights; it keeps the old values once the parameter moves
+    (docs/migration.md says so). And autograd's saved views (a graph kept with ``retain_graph=True``
+    saves ``weight.t()``) have no Python object: only Python tensors are looked at, through the
+    garbage collector, once per layout build and only when such references exist."""
+    slots = list(slots)
+    storages = {id(slot): slot.param.untyped_storage() for slot in slots if slot.param.numel()}
+    holders = Counter(storage._cdata for storage in storages.values())
+    covering: dict[int, Slot] = {}
+    for slot in slots:
+        held = storages.get(id(slot))
+        if held is None or _is_flat(held._cdata):
+            continue
+        if torch._C._storage_Use_Count(held._cdata) <= holders[held._cdata] + 1:
+            continue
+        param = slot.param
+        if param.storage_offset() == 0 and extent(param) * param.element_size() == held.nbytes():
+            covering.setdefault(held._cdata, slot)
+        else:
+            raise _viewed(slot)
+    found = _held_by_python(covering, {id(slot.param) for slot in slots}) if covering else None
+    if found is not None:
+        raise _viewed(found)
+
+
+def _held_by_python(covering: dict[int, Slot], params: set[int]) -> Slot | None:
+    """The slot of ``covering`` (by storage) whose storage a Python tensor other than ``params``
+    references with another shape or strides than the slot's parameter. Keeps no reference to
+    what it looked at (an error's traceback keeps frames)."""
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and id(obj) not in params and not obj.is_meta:
+            slot = covering.get(obj.untyped_storage()._cdata)
+            if slot is not None and (obj.shape != slot.param.shape or obj.stride() != slot.param.stride()):
+                return slot
+    return None
+
+
+def _viewed(slot: Slot) -> InvalidParameterError:
+    return InvalidParameterError(
+        f"{slot.describe()} shares its storage with a tensor that is not one of this optimizer's parameters "
+        "(ZeroRedundancyOptimizer(parameters_as_bucket_view=True), FSDP1's flat parameter, a tensor the "
+        "parameters were cut from, or a flattened view kept to read the weights): a fused optimizer "
+        "moves each parameter into its own flat buffer, so that tensor would never see the updates. Use "
+        "ZeroRedundancyOptimizer(parameters_as_bucket_view=False), drop that tensor, or give the parameter its "
+        "own memory (p.data = p.data.clone()) before the first step"
+    )
 
 
 MAX_MASK_ELEMENTS = 1 << 28
