@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fused_core import KeepsGradients
+
 from .optimizer import FusedAdam, FusedAdamW
 
 
-class NpuFusedAdam(FusedAdam):
+class NpuFusedAdam(KeepsGradients, FusedAdam):
     """:class:`FusedAdam` under torch_npu's name and signature, on every device; ``zero_grad()``
     keeps the gradients, zeroed, as torch_npu's fused optimizers do."""
 
@@ -23,11 +25,8 @@ class NpuFusedAdam(FusedAdam):
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        super().zero_grad(set_to_none)
 
-
-class NpuFusedAdamW(FusedAdamW):
+class NpuFusedAdamW(KeepsGradients, FusedAdamW):
     """:class:`FusedAdamW` under torch_npu's name and signature, on every device; ``zero_grad()``
     keeps the gradients, zeroed, as torch_npu's fused optimizers do."""
 
@@ -41,6 +40,3 @@ class NpuFusedAdamW(FusedAdamW):
         amsgrad: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        super().zero_grad(set_to_none)

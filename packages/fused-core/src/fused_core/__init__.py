@@ -17,7 +17,7 @@ from .errors import (
     UnknownOptimizerError,
 )
 from .hookspecs import hookimpl
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, KeepsGradients
 from .plugins import available_optimizers, create_optimizer, register_plugin, registry
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "HyperparameterOverflowError",
     "InvalidHyperparameterError",
     "InvalidParameterError",
+    "KeepsGradients",
     "ParameterReallocatedError",
     "PluginError",
     "UnknownOptimizerError",

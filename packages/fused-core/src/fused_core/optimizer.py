@@ -398,3 +398,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             validate_group(self.hyperparameters, saved, where=f"state_dict param group {index}", partial=True)
         super().load_state_dict(state_dict)
         self._reconcile_needed = True
+
+
+class KeepsGradients:
+    """Mixin for the optimizers under torch_npu's names (``class NpuFusedX(KeepsGradients, FusedX)``):
+    ``zero_grad()`` defaults to ``set_to_none=False``, as torch_npu's fused optimizers do, so the
+    gradients are kept, zeroed (after the first call they live in the flat gradient buffer, and
+    this is one fill per bucket). ``set_to_none=True`` is torch's default."""
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)  # type: ignore[misc]

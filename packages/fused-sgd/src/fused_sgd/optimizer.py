@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import required
 
-from fused_core import FusedOptimizer
+from fused_core import FusedOptimizer, KeepsGradients
 
 from .hyperparams import SGDHyperparams
 
@@ -108,8 +108,9 @@ class FusedSGD(FusedOptimizer):
         return scalars
 
 
-class NpuFusedSGD(FusedSGD):
-    """:class:`FusedSGD` under torch_npu's name and exact signature (``lr`` required), on every device."""
+class NpuFusedSGD(KeepsGradients, FusedSGD):
+    """:class:`FusedSGD` under torch_npu's name and exact signature (``lr`` required), on every
+    device; ``zero_grad()`` keeps the gradients, zeroed, as torch_npu's does."""
 
     def __init__(
         self,
@@ -121,8 +122,3 @@ class NpuFusedSGD(FusedSGD):
         nesterov: bool = False,
     ) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov)
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """torch_npu's default: the gradients are kept, zeroed (after the first call they live in
-        the flat gradient buffer, and this is one fill per bucket). ``set_to_none=True`` is torch's."""
-        super().zero_grad(set_to_none)
