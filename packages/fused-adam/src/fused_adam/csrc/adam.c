@@ -143,6 +143,18 @@ FUSED_INLINE void prefetch(const void *param, const void *grad, const void *exp_
     }
 }
 
+/* prefetch() of the block PREFETCH_AHEAD elements (of `itemsize` bytes) after element `at`, where
+ * that block lies within the `n` elements of the arrays (max_exp_avg_sq may be NULL). */
+FUSED_INLINE void prefetch_next_block(const void *param, const void *grad, const void *exp_avg,
+                                      const void *exp_avg_sq, const void *max_exp_avg_sq, int64_t at, int64_t n,
+                                      int64_t itemsize) {
+    const int64_t ahead = at + PREFETCH_AHEAD, offset = ahead * itemsize;
+    if (ahead + BLOCK > n) return;
+    prefetch((const char *)param + offset, (const char *)grad + offset, (const char *)exp_avg + offset,
+             (const char *)exp_avg_sq + offset, max_exp_avg_sq == 0 ? 0 : (const char *)max_exp_avg_sq + offset,
+             BLOCK * itemsize);
+}
+
 enum weight_decay_mode { WD_NONE, WD_L2, WD_DECOUPLED };
 
 struct adam_hyper {
@@ -231,10 +243,8 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
         const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2;                 \
         C p[BLOCK], m[BLOCK], arg[BLOCK], root[BLOCK];                                                    \
         for (int64_t at = 0; at < n; at += BLOCK) {                                                       \
-            int64_t count = n - at < BLOCK ? n - at : BLOCK, ahead = at + PREFETCH_AHEAD;                 \
-            if (ahead + BLOCK <= n)                                                                       \
-                prefetch(param + ahead, grad + ahead, exp_avg + ahead, exp_avg_sq + ahead,                \
-                         max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + ahead, BLOCK * (int64_t)sizeof(T));   \
+            int64_t count = n - at < BLOCK ? n - at : BLOCK;                                              \
+            prefetch_next_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, at, n, sizeof(T));      \
             ADAM_DISPATCH(NAME##_state,                                                                   \
                           (param + at, grad + at, exp_avg + at, exp_avg_sq + at,                          \
                            max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + at, count, k, sign, lerp_base_is_m, \
@@ -293,10 +303,7 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
         const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2;                 \
         for (int64_t at = 0; at < n;) {                                                                   \
             int64_t room = BLOCK - c->fill, count = n - at < room ? n - at : room;                        \
-            int64_t ahead = at + PREFETCH_AHEAD;                                                          \
-            if (ahead + BLOCK <= n)                                                                       \
-                prefetch(param + ahead, grad + ahead, exp_avg + ahead, exp_avg_sq + ahead,                \
-                         max_exp_avg_sq == 0 ? 0 : max_exp_avg_sq + ahead, BLOCK * (int64_t)sizeof(T));   \
+            prefetch_next_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, at, n, sizeof(T));      \
             int f = c->fill;                                                                              \
             ADAM_DISPATCH(STATE,                                                                          \
                           (param + at, grad + at, exp_avg + at, exp_avg_sq + at,                          \
@@ -335,10 +342,8 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
     float p[BLOCK], g[BLOCK], m[BLOCK], v[BLOCK], mx[BLOCK];
     int amsgrad = max_exp_avg_sq != 0;
     for (int64_t at = 0; at < n; at += BLOCK) {
-        int64_t count = n - at < BLOCK ? n - at : BLOCK, ahead = at + PREFETCH_AHEAD;
-        if (ahead + BLOCK <= n)
-            prefetch(param + ahead, grad + ahead, exp_avg + ahead, exp_avg_sq + ahead,
-                     amsgrad ? max_exp_avg_sq + ahead : 0, BLOCK * (int64_t)sizeof(uint16_t));
+        int64_t count = n - at < BLOCK ? n - at : BLOCK;
+        prefetch_next_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, at, n, sizeof(uint16_t));
         fused_fp16_to_f32(param + at, p, count);
         fused_fp16_to_f32(grad + at, g, count);
         fused_fp16_to_f32(exp_avg + at, m, count);
