@@ -304,6 +304,21 @@ def describe(named: bool, name: str, index: int) -> str:
     )
 
 
+def refused_step(pair: SideBySide, saved: list[Saved], attempt: int, names: str, *phrases: str) -> str:
+    """``pair.ours.step()`` raises ``InvalidParameterError`` (a ``ValueError``) whose message holds
+    ``names`` (how it names the parameter) and every phrase, and leaves everything as ``saved``.
+    Returns the message."""
+    with pytest.raises(InvalidParameterError) as error:
+        pair.ours.step()
+    message = str(error.value)
+    where = pair.where(f"attempt {attempt}: {message}")
+    assert isinstance(error.value, ValueError), where
+    assert names in message, where
+    assert all(phrase in message for phrase in phrases), where
+    assert_unchanged(pair.ours, saved, pair.where(f"attempt {attempt}: after the refused step"))
+    return message
+
+
 # ----- 1. shared memory (Hogwild, model.share_memory()) -------------------------------------
 SHARE: dict[str, tuple[Callable[[nn.Module], object], int, str]] = {
     # how, and the parameter (index in parameters(), name) the error must name
@@ -324,16 +339,10 @@ def test_shared_memory_before_the_first_step_is_refused_and_nothing_moves(
     pair.backward()
     saved = save(pair.ours, pair.model.parameters())
     for attempt in range(2):  # refused at every step, not once
-        with pytest.raises(InvalidParameterError) as error:
-            pair.ours.step()
-        message = str(error.value)
+        message = refused_step(pair, saved, attempt, describe(named, name, index), "shared memory", "torch.optim.SGD")
         where = pair.where(f"attempt {attempt}: {message}")
-        assert isinstance(error.value, ValueError), where
-        assert describe(named, name, index) in message, where
-        assert "shared memory" in message and "torch.optim.SGD" in message, where
         if index:  # the first parameter is not shared, and not named
             assert describe(named, "0.weight", 0) not in message, where
-        assert_unchanged(pair.ours, saved, pair.where("after the refused step"))
         assert not pair.ours.state, where
     # Nothing was done: once the parameters have their own memory again, the same gradients
     # give torch's first step, momentum buffers included.
@@ -361,14 +370,7 @@ def test_shared_memory_after_the_first_steps_is_refused_at_the_next_step(
     pair.backward()
     saved = save(pair.ours, pair.model.parameters())
     for attempt in range(2):
-        with pytest.raises(InvalidParameterError) as error:
-            pair.ours.step()
-        message = str(error.value)
-        where = pair.where(f"attempt {attempt}: {message}")
-        assert isinstance(error.value, ValueError), where
-        assert describe(named, "0.weight", 0) in message, where
-        assert "shared memory" in message and "torch.optim.SGD" in message, where
-        assert_unchanged(pair.ours, saved, pair.where("after the refused step"))
+        refused_step(pair, saved, attempt, describe(named, "0.weight", 0), "shared memory", "torch.optim.SGD")
         pair.check("after the refused step")  # still torch's values, before its third step
 
 
@@ -523,13 +525,14 @@ def into_bucket(model: nn.Module) -> Tensor:
 def refused_as_held_view(pair: SideBySide, named: bool) -> None:
     saved = save(pair.ours, pair.model.parameters())
     for attempt in range(2):
-        with pytest.raises(InvalidParameterError) as error:
-            pair.ours.step()
-        message = str(error.value)
-        where = pair.where(f"attempt {attempt}: {message}")
-        assert describe(named, "0.weight", 0) in message, where
-        assert "parameters_as_bucket_view=False" in message and "shares its storage" in message, where
-        assert_unchanged(pair.ours, saved, where)
+        refused_step(
+            pair,
+            saved,
+            attempt,
+            describe(named, "0.weight", 0),
+            "parameters_as_bucket_view=False",
+            "shares its storage",
+        )
 
 
 @dtypes
