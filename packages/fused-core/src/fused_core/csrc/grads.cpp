@@ -321,42 +321,45 @@ bool start_reaper(Reaper& r) {
 }
 
 // Hands `batch` (`bytes` in all) to the reaper and empties it; destroys it here where there is no
-// reaper to hand it to. With `refill`, `batch` then has room for HAND_OVER tensors again (a spare's,
-// or newly reserved: that may throw, with `batch` empty).
-void hand_over(Batch& batch, int64_t bytes, bool refill) {
+// reaper to hand it to.
+void hand_over(Batch& batch, int64_t bytes) {
+    if (batch.empty()) return;
     Reaper& r = reaper();
-    if (!batch.empty()) {
-        if (!register_handlers()) r.broken.store(true);
-        bool taken = false;
-        pthread_mutex_lock(&r.mutex);
-        if (!r.stopping.load() && !r.broken.load()) {
-            if (!r.started && !start_reaper(r)) r.broken.store(true);
-            if (r.started) {
-                try {
-                    const int64_t count = static_cast<int64_t>(batch.size());
-                    r.queue.push_back(std::move(batch));  // all or nothing: a vector moves without throwing
-                    r.queued += count;
-                    r.pending_bytes.fetch_add(bytes);
-                    r.handed += count;
-                    pthread_cond_signal(&r.work);
-                    taken = true;
-                } catch (...) {  // out of memory: the queue is as it was, `batch` too
-                }
+    if (!register_handlers()) r.broken.store(true);
+    bool taken = false;
+    pthread_mutex_lock(&r.mutex);
+    if (!r.stopping.load() && !r.broken.load()) {
+        if (!r.started && !start_reaper(r)) r.broken.store(true);
+        if (r.started) {
+            try {
+                const int64_t count = static_cast<int64_t>(batch.size());
+                r.queue.push_back(std::move(batch));  // all or nothing: a vector moves without throwing
+                r.queued += count;
+                r.pending_bytes.fetch_add(bytes);
+                r.handed += count;
+                pthread_cond_signal(&r.work);
+                taken = true;
+            } catch (...) {  // out of memory: the queue is as it was, `batch` too
             }
         }
-        pthread_mutex_unlock(&r.mutex);
-        if (!taken) destroy(batch.data(), batch.size());
-        batch.clear();
     }
-    if (refill && batch.capacity() < HAND_OVER) {
-        pthread_mutex_lock(&r.mutex);
-        if (!r.spares.empty()) {
-            batch = std::move(r.spares.back());
-            r.spares.pop_back();
-        }
-        pthread_mutex_unlock(&r.mutex);
-        batch.reserve(HAND_OVER);  // no-op for a spare
+    pthread_mutex_unlock(&r.mutex);
+    if (!taken) destroy(batch.data(), batch.size());
+    batch.clear();
+}
+
+// Gives the empty `batch` room for HAND_OVER tensors: a spare's, or newly reserved (that may throw,
+// with `batch` still empty).
+void refill(Batch& batch) {
+    if (batch.capacity() >= HAND_OVER) return;
+    Reaper& r = reaper();
+    pthread_mutex_lock(&r.mutex);
+    if (!r.spares.empty()) {
+        batch = std::move(r.spares.back());
+        r.spares.pop_back();
     }
+    pthread_mutex_unlock(&r.mutex);
+    batch.reserve(HAND_OVER);  // no-op for a spare
 }
 
 #if FUSED_DEFERRED_RELEASE
@@ -450,7 +453,7 @@ int64_t clear_grads(const int64_t* params, int64_t n, int64_t cap_bytes, int64_t
     int64_t budget = defer ? cap_bytes - r.pending_bytes.load() : 0;
     int64_t handed = 0, batch_bytes = 0;
     Batch batch;
-    if (budget > 0) hand_over(batch, 0, true);  // room for HAND_OVER: push_back cannot throw
+    if (budget > 0) refill(batch);  // room for HAND_OVER: push_back cannot throw
     try {
         for (int64_t i = 0; i < n; i++) {
             prefetch_ahead(params, n, i, false);
@@ -467,17 +470,17 @@ int64_t clear_grads(const int64_t* params, int64_t n, int64_t cap_bytes, int64_t
             batch.push_back({grad.unsafeReleaseTensorImpl(), bytes});
             if (batch.size() == HAND_OVER) {
                 handed += static_cast<int64_t>(batch.size());
-                const int64_t bytes_handed = batch_bytes;
+                hand_over(batch, batch_bytes);
                 batch_bytes = 0;
-                hand_over(batch, bytes_handed, true);
+                refill(batch);  // may throw: `batch` is empty then
             }
         }
     } catch (...) {
-        hand_over(batch, batch_bytes, false);  // the references in `batch` are not lost
+        hand_over(batch, batch_bytes);  // the references in `batch` are not lost
         throw;
     }
     handed += static_cast<int64_t>(batch.size());
-    hand_over(batch, batch_bytes, false);
+    hand_over(batch, batch_bytes);
     keep_spare(std::move(batch));
     return handed;
 }
