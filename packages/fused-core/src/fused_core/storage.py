@@ -1,19 +1,21 @@
 """Where parameters' memory lies: what a layout refuses before it moves anything.
 
 A layout copies every parameter into its slot of a flat buffer and re-points it there. That is
-invisible to a training loop only when each parameter is its own memory. Two cases are not,
-and both are refused with an error that names the parameters, before anything is modified:
+invisible to a training loop only when each parameter is its own memory. Three cases are not,
+and all are refused with an error that names the parameters, before anything is modified:
 
 * **shared memory** (``model.share_memory()``, ``torch.multiprocessing``): Hogwild-style
   workers step parameters that other processes read. A private flat buffer would take the
   parameters out of shared memory, so no update would reach the other processes.
-* **a view into a storage held elsewhere**: a parameter that lies inside a larger storage
-  which something besides the optimizer's parameters also holds: the bucket of
-  ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)`` (which it broadcasts after every
-  step), FSDP1's flat parameter, or a tensor the parameters were cut from. Moving the parameter
-  would leave that holder with the old values, so the update would be lost to it, silently.
-  Parameters cut from a tensor nobody else holds, and parameters in a flat buffer of fused-core
-  (an earlier optimizer's), are laid out as usual.
+* **a storage held elsewhere**: a parameter that lies inside a larger storage which something
+  besides the optimizer's parameters also holds, or whose whole storage a Python tensor of
+  another shape holds: the bucket of ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``
+  (which it broadcasts after every step), FSDP1's flat parameter, a tensor the parameters were
+  cut from, a flattened view. Moving the parameter would leave that holder with the old values,
+  so the update would be lost to it, silently. Parameters cut from a tensor nobody else holds,
+  parameters in a flat buffer of fused-core (an earlier optimizer's), same-shape aliases
+  (``p.data = w`` with ``w`` kept) and autograd's saved views are laid out as usual (see
+  :func:`check_not_viewed`).
 * **aliasing**: two parameters whose elements overlap (``b = nn.Parameter(a.data)``, views
   of one tensor that overlap, ``p.data = q.data``). torch steps the shared memory with both
   gradients; separate slots would step two copies. Parameters over *disjoint* parts of one
@@ -21,7 +23,9 @@ and both are refused with an error that names the parameters, before anything is
   tensors to torch as well, and are laid out as such.
 
 Checking costs O(parameters · log parameters), once per layout build or re-adoption, plus
-O(span) for two parameters whose spans (first to last element) overlap.
+O(span) for two parameters whose spans (first to last element) overlap, plus one pass over the
+garbage collector's objects where a parameter's whole storage has more references than its
+parameters.
 """
 
 from __future__ import annotations
