@@ -199,3 +199,7 @@ def test_clipping_in_the_default_loop_scales_the_gradients_where_they_lie(dtype:
                 assert relative_error(p.grad, q.grad) <= 4 * torch.finfo(dtype).eps
         ours.step()
         theirs.step()
+        if dtype not in (torch.float32, torch.float64):  # fp16/bf16 steps differ in rounding (ours round
+            with torch.no_grad():  # once), so the next step's gradients are compared from equal weights
+                for p, q in zip(model.parameters(), twin.parameters()):
+                    q.copy_(p)

@@ -172,11 +172,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         edited = self._edited_hyperparameters()
-        if not self._checked_layout(edited).launch(self.param_groups, self.state):
+        layout = self._checked_layout(edited)
+        values = self.step_values()
+        groups = [{**group, **values} for group in self.param_groups] if values else self.param_groups
+        if not layout.launch(groups, self.state):
             self._reconcile_needed = True  # a parameter moved: re-adopt it, then step
-            if not self._checked_layout(edited).launch(self.param_groups, self.state):
+            if not self._checked_layout(edited).launch(groups, self.state):
                 raise RuntimeError("fused_core: a parameter moved again while its layout was rebuilt")
         return loss
+
+    def step_values(self) -> dict[str, Any]:
+        """Values computed once per step, before any launch, that every launcher of this step
+        reads from its ``hyperparams`` beside the param group's own entries (Lamb's global
+        gradient norm, from :meth:`grad_norm`). Default: none. They are never stored in
+        ``param_groups`` (nor in ``state_dict()``); a name must not be a hyperparameter's."""
+        return {}
 
     def _edited_hyperparameters(self) -> list[int]:
         """Check ``param_groups`` as it is now, before anything moves: a changed structure
@@ -295,38 +305,54 @@ class FusedOptimizer(torch.optim.Optimizer):
         they are bound to the flat gradient buffer first (:meth:`~fused_core.layout.Layout.bind_grads`).
         """
         layout = self._current_layout()
-        norm_type = float(norm_type)
         if not layout.buckets:
             return torch.tensor(0.0)
-        serve = grad_norm.segments_serve
-        read = [
-            layout.read_grads(bucket) if serve(bucket.plan.device, bucket.plan.dtype, norm_type) else None
-            for bucket in layout.buckets
-        ]
-        in_place = all(where is not None for where in read)
-        if not in_place:
-            layout.bind_grads()
-        norms = []
-        for bucket, where in zip(layout.buckets, read):
-            if in_place and where is not None:
-                norms.append(grad_norm.segments_norm(where[0], bucket.numels, where[1], bucket.plan.dtype, norm_type))
-            else:
-                norms.append(grad_norm.bucket_norm(bucket, norm_type))
-        first_device = layout.buckets[0].plan.device
-        norms = [norm.to(first_device) for norm in norms]
-        widest = max((norm.dtype for norm in norms), key=lambda dtype: torch.finfo(dtype).bits)
-        total = torch.linalg.vector_norm(torch.stack([norm.to(widest) for norm in norms]), norm_type)
+        total, read = self._grad_norm(layout, float(norm_type))
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise RuntimeError(
                 f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be clipped"
             )
         coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
         for bucket, where in zip(layout.buckets, read):
-            if in_place and where is not None:
+            if where is not None:
                 grad_norm.segments_scale_(where[0], bucket.numels, where[1], bucket.plan.dtype, coefficient)
             else:
                 grad_norm.scale_(bucket.grads, coefficient)
         return total.to(layout.buckets[0].plan.dtype)
+
+    @torch.no_grad()
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        r"""The total ``norm_type`` norm of this optimizer's gradients, as
+        :meth:`clip_grad_norm_fused_` computes it, without scaling anything: a 0-d tensor in fp32
+        (fp64 where a bucket is fp64) on the first bucket's device. Parameters without a gradient
+        count as zeros. For plugins whose update needs it (Lamb's global gradient-norm clipping,
+        through :meth:`step_values`)."""
+        layout = self._current_layout()
+        if not layout.buckets:
+            return torch.tensor(0.0)
+        return self._grad_norm(layout, float(norm_type))[0]
+
+    def _grad_norm(self, layout: Layout, norm_type: float) -> tuple[torch.Tensor, list[Any]]:
+        """The total norm over every bucket, and where each bucket's gradients were read (their
+        addresses, or None where they were bound to the flat gradient buffer instead)."""
+        serve = grad_norm.segments_serve
+        read = [
+            layout.read_grads(bucket) if serve(bucket.plan.device, bucket.plan.dtype, norm_type) else None
+            for bucket in layout.buckets
+        ]
+        if not all(where is not None for where in read):
+            layout.bind_grads()
+            read = [None] * len(read)
+        norms = []
+        for bucket, where in zip(layout.buckets, read):
+            if where is not None:
+                norms.append(grad_norm.segments_norm(where[0], bucket.numels, where[1], bucket.plan.dtype, norm_type))
+            else:
+                norms.append(grad_norm.bucket_norm(bucket, norm_type))
+        first_device = layout.buckets[0].plan.device
+        norms = [norm.to(first_device) for norm in norms]
+        widest = max((norm.dtype for norm in norms), key=lambda dtype: torch.finfo(dtype).bits)
+        return torch.linalg.vector_norm(torch.stack([norm.to(widest) for norm in norms]), norm_type), read
 
     def launchers(self) -> dict[tuple[torch.device, torch.dtype], str]:
         """Which launcher updates each (device, dtype) bucket, by name (``sgd_c_segments`` reads every
