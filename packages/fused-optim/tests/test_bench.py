@@ -413,3 +413,16 @@ def test_bench_takes_trains_device_syntax(device: str, capsys: pytest.CaptureFix
         assert "expected cpu, cuda, cuda:N, npu or npu:N" in err
     else:
         assert f"--device {device.split(':')[0]}" in err and "invalid choice" not in err
+
+
+def test_a_flavour_the_compared_class_lacks_is_reported_unavailable() -> None:
+    """A compared class without ``fused`` (torch.optim.RMSprop, a per-tensor reference) is not run
+    with ``fused=True``: the run says why instead."""
+    import dataclasses
+
+    from fused_optim.optimizers import SPECS
+
+    spec = dataclasses.replace(SPECS["sgd"], flags=("foreach",))
+    contest = Contest(TINY_SETS["tiny"](), torch.float32, torch.device("cpu"), seed=0, max_norm=1.0, spec=spec)
+    assert set(contest.competitors) == {"fused_sgd", "torch_forloop", "torch_foreach"}
+    assert contest.unavailable == {"torch_fused": "torch.optim.SGD has no fused implementation"}

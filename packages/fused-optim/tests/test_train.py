@@ -289,10 +289,10 @@ def test_options_of_the_other_optimizer_are_one_line_errors(
 
 def test_unknown_optimizer_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([*QUICK, "--optimizer", "lion"])
+        main([*QUICK, "--optimizer", "no-such-optimizer"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --optimizer: invalid choice: 'lion'" in err and "'sgd'" in err and "'adamw'" in err
+    assert "argument --optimizer: invalid choice: 'no-such-optimizer'" in err and "'sgd'" in err and "'adamw'" in err
 
 
 def test_adamw_without_fused_adam_is_a_clear_error(
@@ -418,3 +418,52 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "fused-optim: one console script" in capsys.readouterr().out
+
+
+def test_set_passes_any_hyperparameter(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--set amsgrad=True --set betas=(0.8, 0.99)`` reach both optimizers (the JSON records them)."""
+    report = tmp_path / "run.json"
+    assert (
+        main(
+            [
+                *QUICK,
+                "--optimizer",
+                "adamw",
+                "--set",
+                "amsgrad=True",
+                "--set",
+                "betas=(0.8, 0.99)",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    config = json.loads(report.read_text())["config"]
+    assert config["amsgrad"] is True and tuple(config["betas"]) == (0.8, 0.99)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--set", "lr"], "expected KEY=VALUE"),
+        (["--set", "lr=fast"], "is not a Python literal"),
+        (["--set", "lr=0.1", "--lr", "0.2"], "given twice"),
+    ],
+)
+def test_bad_set_is_a_one_line_error(options: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with contextlib.suppress(SystemExit):
+        assert main([*QUICK, *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_reference_the_compared_class_lacks_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+
+    from fused_optim import optimizers
+
+    monkeypatch.setitem(optimizers.SPECS, "sgd", dataclasses.replace(optimizers.SPECS["sgd"], flags=("foreach",)))
+    assert main([*QUICK, "--reference", "fused"]) == 2
+    assert "torch.optim.SGD has no fused implementation" in capsys.readouterr().err

@@ -81,8 +81,17 @@ def accesses(spec: OptimizerSpec) -> dict[str, dict[str, int]]:
 def competitors(spec: OptimizerSpec) -> dict[str, str]:
     """Every competitor's key and label, the fused optimizer first: ``fused_sgd: FusedSGD``,
     ``torch_fused: torch SGD fused``, ..."""
-    torch_ones = {key: f"torch {spec.title} {word}" for key, (word, _) in TORCH_FLAVOURS.items()}
+    torch_ones = {key: f"{spec.competitor} {word}" for key, (word, _) in TORCH_FLAVOURS.items()}
     return {spec.reference: spec.fused_name, **torch_ones}
+
+
+def missing_flavours(spec: OptimizerSpec) -> dict[str, str]:
+    """The torch competitors the compared class does not offer (torch.optim.RMSprop has no ``fused``), with why."""
+    return {
+        key: f"{spec.torch_path} has no {word} implementation"
+        for key, (word, flags) in TORCH_FLAVOURS.items()
+        if any(flag not in spec.flags for flag, value in flags.items() if value)
+    }
 
 
 def clip_labels(spec: OptimizerSpec) -> dict[str, str]:
@@ -272,7 +281,8 @@ class Contest:
         self.stale_steps = {mode: {"warmup": 0, "settling": 0, "rounds": 0} for mode in self.modes}
         """Per mode and phase, the fused optimizer's steps after the first that found their layout stale (and
         so re-adopted in the step): expected with fresh gradients, a slow path with bound ones."""
-        keys = list(self.labels)
+        self.unavailable.update(missing_flavours(spec))
+        keys = [key for key in self.labels if key not in self.unavailable]
         for index, key in enumerate(keys):
             # The last competitor takes the drawn tensors themselves: one copy of the model fewer.
             params = base if index == len(keys) - 1 else [torch.nn.Parameter(p.detach().clone()) for p in base]

@@ -1,9 +1,10 @@
 """The optimizers ``fused-optim bench`` and ``fused-optim train`` compare (``--optimizer``): for each,
-the fused class and the torch class it stands in for, the benchmark's hyperparameters, the bytes
-its step must move, and ``train``'s default hyperparameters.
+the fused class and the class it stands in for (a torch.optim class, or, where torch has none, the
+plugin's per-tensor reference written with torch ops, e.g. ``fused_lamb.reference.Lamb``), the
+benchmark's hyperparameters, the bytes its step must move, and ``train``'s default hyperparameters.
 
-The fused class is imported when it is first asked for, so the command line works without the
-package of an optimizer it is not asked to run (``fused-adam`` is its own package).
+Both classes are imported when first asked for, so the command line works without the package of
+an optimizer it is not asked to run (each plugin family is its own package).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class OptimizerSpec:
     """Its import name: ``fused_sgd``."""
     fused_name: str
     """The fused class, in ``module``: ``FusedSGD``."""
-    torch_class: type[torch.optim.Optimizer]
-    """The torch optimizer it stands in for, with the same signature."""
+    compared_with: str
+    """The import path of the class it stands in for, with the same signature: ``torch.optim.SGD``, or a
+    per-tensor reference of the plugin's package where torch has none (``fused_lamb.reference.Lamb``)."""
     hyperparameters: Mapping[str, Any]
     """What ``bench`` runs both with."""
     step_accesses: int
@@ -41,17 +43,30 @@ class OptimizerSpec:
     step_accesses_why: str
     """Which arrays those are, for the report."""
     train_defaults: Mapping[str, Any]
-    """``train``'s default hyperparameters (each also a ``--`` option of ``train``)."""
+    """``train``'s default hyperparameters (each may be changed with ``--set KEY=VALUE``)."""
+    flags: tuple[str, ...] = ("foreach", "fused")
+    """The implementations the compared class offers besides its for-loop (``foreach=False``):
+    ``foreach`` and ``fused`` for torch.optim.SGD, ``foreach`` only for torch.optim.RMSprop."""
 
     @property
     def title(self) -> str:
-        """The torch class's name: ``SGD``, ``AdamW``."""
-        return self.torch_class.__name__
+        """The compared class's name: ``SGD``, ``AdamW``, ``Lamb``."""
+        return self.compared_with.rsplit(".", 1)[-1]
 
     @property
     def torch_path(self) -> str:
-        """``torch.optim.SGD``."""
-        return f"torch.optim.{self.title}"
+        """The compared class's import path: ``torch.optim.SGD``."""
+        return self.compared_with
+
+    @property
+    def in_torch(self) -> bool:
+        """Whether the compared class is torch's own (else a per-tensor reference of the plugin)."""
+        return self.compared_with.startswith("torch.")
+
+    @property
+    def competitor(self) -> str:
+        """The compared class in labels: ``torch SGD``, ``per-tensor Lamb``."""
+        return f"torch {self.title}" if self.in_torch else f"per-tensor {self.title}"
 
     @property
     def reference(self) -> str:
@@ -65,23 +80,31 @@ class OptimizerSpec:
     def torch_optimizer(
         self, params: Any, hyperparameters: Mapping[str, Any], flavour: Mapping[str, Any]
     ) -> torch.optim.Optimizer:
-        """``torch_class(params, **hyperparameters, **flavour)``, e.g. flavour ``{"foreach": False}``."""
-        make: Callable[..., torch.optim.Optimizer] = self.torch_class
+        """``compared_class(params, **hyperparameters, **flavour)``, e.g. flavour ``{"foreach": False}``."""
+        make: Callable[..., torch.optim.Optimizer] = self.compared_class()
         return make(params, **hyperparameters, **flavour)
+
+    def compared_class(self) -> type[torch.optim.Optimizer]:
+        """The class it stands in for, imported now; :class:`OptimizerUnavailable` where its package is missing."""
+        module, name = self.compared_with.rsplit(".", 1)
+        compared: type[torch.optim.Optimizer] = getattr(self._import(module, name), name)
+        return compared
 
     def fused_class(self) -> type[torch.optim.Optimizer]:
         """The fused class, imported now; :class:`OptimizerUnavailable` where its package is missing."""
+        fused: type[torch.optim.Optimizer] = getattr(self._import(self.module, self.fused_name), self.fused_name)
+        return fused
+
+    def _import(self, module: str, wanted: str) -> Any:
         try:
-            module = importlib.import_module(self.module)
+            return importlib.import_module(module)
         except ModuleNotFoundError as error:
-            if error.name != self.module:
+            if error.name is None or not module.startswith(error.name):
                 raise
             raise OptimizerUnavailable(
-                f"--optimizer {self.name} needs {self.fused_name} from the {self.package} package, which is not "
+                f"--optimizer {self.name} needs {wanted} from the {self.package} package, which is not "
                 f"installed: pip install ./packages/{self.package}"
             ) from None
-        fused: type[torch.optim.Optimizer] = getattr(module, self.fused_name)
-        return fused
 
 
 SPECS: dict[str, OptimizerSpec] = {
@@ -92,7 +115,7 @@ SPECS: dict[str, OptimizerSpec] = {
             package="fused-sgd",
             module="fused_sgd",
             fused_name="FusedSGD",
-            torch_class=torch.optim.SGD,
+            compared_with="torch.optim.SGD",
             hyperparameters={"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4},
             step_accesses=5,
             step_accesses_why="reads param, grad, momentum; writes param, momentum",
@@ -103,7 +126,7 @@ SPECS: dict[str, OptimizerSpec] = {
             package="fused-adam",
             module="fused_adam",
             fused_name="FusedAdamW",
-            torch_class=torch.optim.AdamW,
+            compared_with="torch.optim.AdamW",
             hyperparameters={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
             step_accesses=7,
             step_accesses_why="reads param, grad, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq",

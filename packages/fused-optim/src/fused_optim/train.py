@@ -14,6 +14,7 @@ diverges (loss not finite, or above its start) says so and exits with status 3.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import sys
 import time
@@ -60,6 +61,7 @@ examples:
   fused-optim train --depth 32 --width 32      # 66 small tensors: the many-tensor effect on step time
   fused-optim train --reference fused          # against torch's own fused kernel (it rounds differently)
   fused-optim train --optimizer adamw          # FusedAdamW against torch.optim.AdamW(foreach=False), lr 0.003
+  fused-optim train --optimizer adamw --set amsgrad=True --set betas="(0.9, 0.99)"
   fused-optim train --device cuda --dtype bf16
 """
 
@@ -115,8 +117,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimizer",
         choices=list(SPECS),
         default=DEFAULT,
-        help="sgd: FusedSGD against torch.optim.SGD; adamw: FusedAdamW against torch.optim.AdamW "
-        "(default: %(default)s)",
+        help="; ".join(f"{spec.name}: {spec.fused_name} against {spec.torch_path}" for spec in SPECS.values())
+        + " (default: %(default)s)",
+    )
+    optimizer.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_setting,
+        help="any hyperparameter of the optimizer, VALUE a Python literal (repeatable): --set alpha=0.9",
     )
     sgd, adamw = SPECS["sgd"].train_defaults, SPECS["adamw"].train_defaults
     optimizer.add_argument(
@@ -211,9 +221,24 @@ def _hyperparameters(args: argparse.Namespace, spec: OptimizerSpec) -> dict[str,
         raise TrainError(f"{', '.join(given)}: not an option of --optimizer {spec.name}")
     values: dict[str, Any] = {}
     for key, default in spec.train_defaults.items():
-        value = getattr(args, key)
+        value = getattr(args, key, None)
         values[key] = default if value is None else tuple(value) if isinstance(value, list) else value
+    for key, value in getattr(args, "set", []):
+        if key in HYPERPARAMETER_OPTIONS and getattr(args, key) is not None:
+            raise TrainError(f"--set {key}: given twice (also as {HYPERPARAMETER_OPTIONS[key]})")
+        values[key] = value
     return values
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``: VALUE a Python literal (a number, True, a tuple)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a Python literal (number, True, tuple)") from None
 
 
 def _check_hyperparameters(fused: type[torch.optim.Optimizer], spec: OptimizerSpec, values: dict[str, Any]) -> None:
@@ -278,6 +303,8 @@ def train(args: argparse.Namespace) -> TrainReport:
     steps_per_epoch = batches_per_epoch(data, args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     torch_kwargs = REFERENCES[args.reference]
+    if any(flag not in spec.flags for flag, on in torch_kwargs.items() if on):
+        raise TrainError(f"--reference {args.reference}: {spec.torch_path} has no {args.reference} implementation")
     torch_name = spec.torch_name(torch_kwargs)
     config = {
         "width": args.width,
