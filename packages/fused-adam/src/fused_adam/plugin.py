@@ -8,6 +8,8 @@ from typing import Any
 from fused_core import hookimpl
 from fused_core.kernels import segments_kernel
 
+from .bert_adam import FusedBertAdam
+from .bert_kernels import bert_adam_composite
 from .kernels import adam_c_flat, adam_c_segments, adam_composite, adam_native_fused, c_serves, native_fused_agrees
 from .optimizer import FusedAdam, FusedAdamW
 
@@ -16,6 +18,7 @@ from .optimizer import FusedAdam, FusedAdamW
 def register_optimizers(register: Callable[[type], None]) -> None:
     register(FusedAdam)
     register(FusedAdamW)
+    register(FusedBertAdam)
 
 
 @hookimpl
@@ -26,3 +29,4 @@ def register_kernels(register: Callable[..., Any]) -> None:
     # The CPU: one pass over memory, where a build of the C kernel gave the composite's bits.
     register("adam", "cpu", adam_c_flat, dtypes=c_serves)
     register(segments_kernel("adam"), "cpu", adam_c_segments, dtypes=c_serves)
+    register("bert_adam", "*", bert_adam_composite)  # BertAdam: torch ops, any device and dtype
