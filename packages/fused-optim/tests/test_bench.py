@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from fused_optim.bench_measure import Competitor, Contest
-from fused_optim.cli import main
 
 from fused_core import grad_norm, gradients, registry
 from fused_core.kernels import segments_kernel
+from fused_optim.bench_measure import Competitor, Contest
+from fused_optim.cli import main
 from fused_testing import shapes
 
 TINY_SETS = {

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fused_optim import info
-from fused_optim.cli import main
 
 from fused_core import registry
+from fused_optim import info
+from fused_optim.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fused_optim.cli import main
 from fused_optim.train_data import batches_per_epoch, epoch_batches, load_digits
 from fused_optim.train_report import RunReport, TrainReport, format_summary

@@ -40,8 +40,10 @@ NATIVE_LIBRARIES = (
     # (what it does, module, accessor, source attribute, flag-set attribute or None for native's default)
     ("gradient reader (every .grad in one call)", "fused_core.gradients", "library", "SOURCE", "FLAG_SETS"),
     ("gradient clipping kernels", "fused_core.grad_norm", "library", "SOURCE", None),
+    ("per-parameter reductions (Lamb, AdamP, BertAdam)", "fused_core.reductions", "library", "SOURCE", None),
     ("SGD kernel", "fused_sgd.kernels", "c_library", "C_SOURCE", None),
     ("Adam kernel", "fused_adam.kernels", "c_library", "C_SOURCE", None),
+    ("Lion kernel", "fused_lion.kernels", "c_library", "C_SOURCE", None),
 )
 ENV_PREFIX = "FUSED_OPTIM_"
 

@@ -134,6 +134,32 @@ SPECS: dict[str, OptimizerSpec] = {
             # (97 %), torch's 1e-3 about 95.5 %.
             train_defaults={"lr": 3e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False},
         ),
+        OptimizerSpec(
+            name="bert_adam",
+            package="fused-adam",
+            module="fused_adam",
+            fused_name="FusedBertAdam",
+            compared_with="fused_adam.bert_reference.BertAdam",
+            flags=("foreach",),
+            hyperparameters={"lr": 1e-3, "warmup": 0.1, "t_total": 1000, "weight_decay": 1e-2, "max_grad_norm": 1.0},
+            step_accesses=8,
+            step_accesses_why="reads grad for its per-parameter norm, then param, grad, exp_avg, exp_avg_sq; "
+            "writes param, exp_avg, exp_avg_sq",
+            # t_total stays -1 (no schedule): a schedule needs the run's step count.
+            train_defaults={"lr": 3e-3, "weight_decay": 1e-2, "max_grad_norm": 1.0},
+        ),
+        OptimizerSpec(
+            name="lion",
+            package="fused-lion",
+            module="fused_lion",
+            fused_name="FusedLion",
+            compared_with="fused_lion.reference.Lion",
+            flags=("foreach",),
+            hyperparameters={"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 1e-1},
+            step_accesses=5,
+            step_accesses_why="reads param, grad, exp_avg; writes param, exp_avg",
+            train_defaults={"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 1e-1},
+        ),
     )
 }
 """Every optimizer ``--optimizer`` takes, by name."""
