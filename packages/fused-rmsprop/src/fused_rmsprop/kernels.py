@@ -1,0 +1,140 @@
+r"""The RMSprop, RMSpropTF and Adadelta updates on flat slices, from torch ops.
+
+Each composite launcher runs its optimizer's per-tensor update over a run's flat slices: the
+operations of torch.optim.RMSprop / Adadelta (foreach=False) in torch's order, so fp32 and fp64
+results are torch's bit for bit (the updates are elementwise: a flat slice is its parameters side by
+side); fp16/bf16 slices are computed in fp32 in cache-sized chunks and rounded once per step
+(:func:`fused_core.kernels.in_fp32_chunks`). They run on any device.
+
+* :func:`rmsprop_composite`: torch.optim.RMSprop's ``_single_tensor_rmsprop``;
+* :func:`rmsprop_tf_composite`: :func:`fused_rmsprop.reference.rmsprop_tf_update` (torch_npu's
+  NpuFusedRMSpropTF), whose ``square_avg`` starts at one;
+* :func:`adadelta_composite`: torch.optim.Adadelta's ``_single_tensor_adadelta``.
+
+A run's state starts on its first step (``step`` 0, buffers 0, RMSpropTF's ``square_avg`` 1); each
+step adds one to ``step``, which none of the updates reads. On the CPU the C kernels of
+:mod:`fused_rmsprop.c_kernel` serve instead, checked bit for bit against these when they load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fused_core.kernels import RunInfo, as_scalar, in_fp32_chunks
+
+from .reference import rmsprop_tf_update
+
+State = Mapping[str, torch.Tensor]
+
+
+def start_and_count(state: State, names: tuple[str, ...], run: RunInfo, ones: tuple[str, ...] = ()) -> None:
+    """On the run's first step start ``names`` at zero (``ones`` at one, parameter by parameter:
+    alignment gaps stay zero); then count the step."""
+    steps = state["step"]
+    if run.first_step:
+        steps.zero_()
+        for name in names:
+            state[name].zero_()
+        for name in ones:
+            fill_slots(state[name], run, 1.0)
+    steps.add_(1)
+
+
+def fill_slots(tensor: torch.Tensor, run: RunInfo, value: float) -> None:
+    """``value`` over every parameter of the run in ``tensor`` (a run slice), zero between them."""
+    if int(run.numels.sum()) == tensor.numel():
+        tensor.fill_(value)
+        return
+    tensor.zero_()
+    for offset, numel in zip(run.offsets.tolist(), run.numels.tolist()):
+        tensor[offset : offset + numel].fill_(value)
+
+
+def rmsprop_state(state: State, hp: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(square_avg, grad_avg or None, momentum_buffer or None)`` as the group's hyperparameters use them."""
+    grad_avg = state["grad_avg"] if hp["centered"] else None
+    return state["square_avg"], grad_avg, state["momentum_buffer"] if hp["momentum"] > 0 else None
+
+
+def rmsprop_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    grad_avg: torch.Tensor | None,
+    momentum_buffer: torch.Tensor | None,
+    hp: Mapping[str, Any],
+) -> None:
+    """torch.optim.RMSprop(foreach=False)'s update of one tensor, in place, op for op."""
+    lr, alpha, weight_decay = as_scalar(hp["lr"]), hp["alpha"], hp["weight_decay"]
+    grad = -grad if hp["maximize"] else grad
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    if grad_avg is not None:
+        grad_avg.lerp_(grad, 1 - alpha)
+        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+    else:
+        avg = square_avg.sqrt()
+    avg = avg.add_(hp["eps"])
+    if momentum_buffer is not None:
+        momentum_buffer.mul_(hp["momentum"]).addcdiv_(grad, avg)
+        param.add_(momentum_buffer, alpha=-lr)
+    else:
+        param.addcdiv_(grad, avg, value=-lr)
+
+
+def rmsprop_composite(
+    params: torch.Tensor, grads: torch.Tensor, state: State, hp: Mapping[str, Any], run: RunInfo
+) -> None:
+    """RMSprop from torch ops over one run; low precision through fp32 chunks."""
+    buffers = rmsprop_state(state, hp)
+    start_and_count(state, tuple(rmsprop_names(hp)), run)
+    in_fp32_chunks(lambda p, g, v, a, b: rmsprop_update(p, g, v, a, b, hp), params, grads, *buffers)
+
+
+def rmsprop_names(hp: Mapping[str, Any]) -> list[str]:
+    """The state buffers an RMSprop (or RMSpropTF) group keeps."""
+    return ["square_avg"] + ["momentum_buffer"] * (hp["momentum"] > 0) + ["grad_avg"] * bool(hp["centered"])
+
+
+def rmsprop_tf_composite(
+    params: torch.Tensor, grads: torch.Tensor, state: State, hp: Mapping[str, Any], run: RunInfo
+) -> None:
+    """RMSpropTF from torch ops over one run (``square_avg`` starts at one); low precision through fp32 chunks."""
+    buffers = rmsprop_state(state, hp)
+    start_and_count(state, tuple(rmsprop_names(hp)[1:]), run, ones=("square_avg",))
+    keywords = {key: hp[key] for key in RMSPROP_TF_KEYS}
+    in_fp32_chunks(lambda p, g, v, a, b: rmsprop_tf_update(p, g, v, a, b, **keywords), params, grads, *buffers)
+
+
+RMSPROP_TF_KEYS = ("lr", "alpha", "eps", "weight_decay", "momentum", "decoupled_decay", "lr_in_momentum", "maximize")
+"""The param-group keys :func:`fused_rmsprop.reference.rmsprop_tf_update` takes."""
+
+
+def adadelta_update(
+    param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, acc_delta: torch.Tensor, hp: Mapping[str, Any]
+) -> None:
+    """torch.optim.Adadelta(foreach=False)'s update of one tensor, in place, op for op."""
+    lr, rho, eps, weight_decay = as_scalar(hp["lr"]), hp["rho"], hp["eps"], hp["weight_decay"]
+    grad = -grad if hp["maximize"] else grad
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+    std = square_avg.add(eps).sqrt_()
+    delta = acc_delta.add(eps).sqrt_()
+    delta.div_(std).mul_(grad)
+    acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+    param.add_(delta, alpha=-lr)
+
+
+def adadelta_composite(
+    params: torch.Tensor, grads: torch.Tensor, state: State, hp: Mapping[str, Any], run: RunInfo
+) -> None:
+    """Adadelta from torch ops over one run; low precision through fp32 chunks."""
+    start_and_count(state, ("square_avg", "acc_delta"), run)
+    in_fp32_chunks(
+        lambda p, g, v, u: adadelta_update(p, g, v, u, hp), params, grads, state["square_avg"], state["acc_delta"]
+    )
