@@ -264,7 +264,7 @@ def test_adamw_table_names_adamw_throughout(adamw_run) -> None:
         and "2 rounds, AdamW lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01" in table
     )
     assert "| set | dtype | grads | competitor | zero_grad | step | cycle | zero_grad vs FusedAdamW |" in table
-    assert "| cycle of floor | torch fused / FusedAdamW (cycle) |" in table
+    assert "| cycle of floor | torch AdamW fused / FusedAdamW (cycle) |" in table
     assert "FusedAdamW per training-loop cycle" in table
     assert "(fresh: step 7, cycle 7; bound: step 7, cycle 8)" in table
     for dtype in DTYPES:

@@ -117,16 +117,25 @@ def _fused_table(result: dict[str, Any]) -> list[str]:
     ]
 
 
+RIVALS = ("torch_fused", "torch_foreach", "torch_forloop")
+"""The competitor the cycle summary compares with: the first of these the run has (torch's fused
+implementation where the compared class has one, else its foreach one)."""
+
+
 def _cycle_summary(result: dict[str, Any]) -> list[str]:
-    """Per (set, dtype, mode): the fused optimizer's cycle, the gradient arrival, the floor, torch fused's ratio."""
+    """Per (set, dtype, mode): the fused optimizer's cycle, the gradient arrival, the floor, and the
+    ratio of the best implementation of the compared class (:data:`RIVALS`)."""
     reference, name = _reference(result), _fused(result)
-    rows = []
+    rows, rival_labels = [], []
     for run in result["runs"]:
         for mode, measured in _modes(run):
             ops = measured["ops"]
             fused = {op: ops[op]["competitors"][reference] for op in ("zero_grad", "step", "cycle")}
             arrival = measured.get("arrival")
-            torch_fused = _ratio(ops["cycle"]["competitors"].get("torch_fused"), "torch_fused", reference)
+            rival = next((key for key in RIVALS if key in ops["cycle"]["competitors"]), None)
+            torch_fused = _ratio(ops["cycle"]["competitors"].get(rival), rival, reference) if rival else None
+            if rival:
+                rival_labels.append(ops["cycle"]["competitors"][rival]["label"])
             rows.append(
                 [
                     run["set"],
@@ -143,7 +152,8 @@ def _cycle_summary(result: dict[str, Any]) -> list[str]:
             )
     header = ["set", "dtype", "grads", "zero_grad", "step", "cycle", "gradient arrival"]
     lines = ["", f"{name} per training-loop cycle", ""]
-    lines += _table(header + ["step of floor", "cycle of floor", f"torch fused / {name} (cycle)"], rows)
+    rival_label = " or ".join(dict.fromkeys(rival_labels)) or "torch fused"
+    lines += _table(header + ["step of floor", "cycle of floor", f"{rival_label} / {name} (cycle)"], rows)
     accesses = _accesses(result)
     floors = "; ".join(f"{mode}: step {ops['step']}, cycle {ops['cycle']}" for mode, ops in accesses.items())
     return lines + [
