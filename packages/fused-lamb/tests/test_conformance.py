@@ -3,10 +3,11 @@
 No torch.optim class exists for either, so the references are :mod:`fused_lamb.reference`'s
 per-tensor ``Lamb`` and ``AdamP`` (``foreach=False``), written from the papers and checked against
 torch_npu's and apex's sources (test_math.py checks them, and the fused classes, against float64
-formulas). Lamb is bit for bit in fp32 (same elementwise ops in the same order; both sum the
-norms in fp64 and round them to fp32); fp64 within 1e-10 (the fp64 sums differ in order). AdamP's
-projection sums rows in another order, so it is within a tolerance in both. fp16/bf16: no further
-from a float64 run than the reference in that dtype.
+formulas). On the CPU, Lamb's C kernel serves (its own sqrt and order of additions: a few ulps
+from the torch-ops composite, which test_launchers.py shows bit for bit with the reference in
+fp32); AdamP's projection sums rows in another order than the reference. So both are compared
+within a relative 1e-6 (a wrong formula is off by far more). fp16/bf16: no further from a float64
+run than the reference in that dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +35,45 @@ BAD = [
     (dict(lr="0.1"), InvalidHyperparameterError),
 ]
 SHARED = dict(state_keys=("step", "exp_avg", "exp_avg_sq"))
+
+
+class ClosureWithinTolerance:
+    """Replaces the suite's ``test_closure``, which requires the losses the closures return at
+    every step to be equal bit for bit even outside ``exact_dtypes``: after the first step the two
+    optimizers' parameters differ in the last bits here, and so do the losses computed from them.
+    The same checks otherwise: ``step(closure)`` runs the closure with gradients enabled, returns
+    its loss, and steps as the reference (within ``rtol``)."""
+
+    rtol = 1e-6
+
+    def test_closure(self, config) -> None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        start = [torch.randn(shape, generator=generator) for shape in ((64, 32), (64,), (5, 3, 2))]
+        sides = []
+        for factory in (self.optimizer_cls, self.reference_cls):
+            params = [torch.nn.Parameter(value.clone()) for value in start]
+            sides.append((params, factory(params, **config)))
+        for step in range(5):
+            weights = [torch.randn(value.shape, generator=generator) for value in start]
+            returned = []
+            for params, optimizer in sides:
+                losses = []
+
+                def closure(params=params, optimizer=optimizer, losses=losses, weights=weights) -> torch.Tensor:
+                    optimizer.zero_grad()
+                    loss = sum((w * p + 0.5 * p * p).sum() for w, p in zip(weights, params))
+                    loss.backward()
+                    losses.append(loss)
+                    return loss
+
+                with torch.no_grad():
+                    returned.append((optimizer.step(closure), losses))
+            for loss, losses in returned:
+                assert len(losses) == 1 and loss is losses[0] and loss.requires_grad, f"step {step + 1}"
+            for fused, reference in zip(*(params for params, _ in sides)):
+                torch.testing.assert_close(
+                    fused, reference, rtol=self.rtol, atol=self.rtol * float(reference.detach().abs().max())
+                )
 
 
 def dtype_change(names) -> dict[str, str]:
@@ -65,14 +105,13 @@ LAMB_CONFIGS = {
 }
 
 
-class TestFusedLambConformance(OptimizerConformance):
-    """Without global clipping: bit for bit in fp32."""
+class TestFusedLambConformance(ClosureWithinTolerance, OptimizerConformance):
+    """Without global clipping."""
 
     optimizer_cls = FusedLamb
     reference_cls = Lamb
     configs = LAMB_CONFIGS
-    exact_dtypes = (torch.float32,)
-    rtol = 1e-10
+    rtol = 1e-6
     second_group = {"lr": 1e-3, "adam": True}
     bad_hyperparameters = LAMB_BAD
     expected_failures = dtype_change(LAMB_CONFIGS)
@@ -87,9 +126,9 @@ CLIPPED_CONFIGS = {
 }
 
 
-class TestFusedLambClippedConformance(OptimizerConformance):
-    """With global clipping reached: fused-core's global norm (fp32 partial sums) and the
-    reference's (fp64) may differ in the last bit, so within 1e-6."""
+class TestFusedLambClippedConformance(ClosureWithinTolerance, OptimizerConformance):
+    """With global clipping reached (fused-core's global norm, from fp32 partial sums, and the
+    reference's, from fp64 sums, may differ in the last bit)."""
 
     optimizer_cls = FusedLamb
     reference_cls = Lamb
@@ -100,15 +139,13 @@ class TestFusedLambClippedConformance(OptimizerConformance):
     locals().update(SHARED)
 
 
-class TestNpuFusedLambConformance(OptimizerConformance):
-    """torch_npu's signature; ``zero_grad()`` keeps zeroed gradients. Without the global norm,
-    bit for bit in fp32."""
+class TestNpuFusedLambConformance(ClosureWithinTolerance, OptimizerConformance):
+    """torch_npu's signature; ``zero_grad()`` keeps zeroed gradients."""
 
     optimizer_cls = NpuFusedLamb
     reference_cls = NpuLamb
     configs = {"wd": dict(lr=1e-2, weight_decay=1e-2), "adam": dict(lr=1e-2, adam=True)}
-    exact_dtypes = (torch.float32,)
-    rtol = 1e-10
+    rtol = 1e-6
     zero_grad_set_to_none_default = False
     second_group = {"lr": 1e-3, "weight_decay": 0.1}
     bad_hyperparameters = [*BAD, (dict(max_grad_norm=1.0), TypeError)]
@@ -116,9 +153,8 @@ class TestNpuFusedLambConformance(OptimizerConformance):
     locals().update(SHARED)
 
 
-class TestNpuFusedLambGlobalNormConformance(OptimizerConformance):
-    """torch_npu's ``use_global_grad_norm`` (the gradients divided by the global norm above 1):
-    within 1e-6 (the global norms differ in the last bit)."""
+class TestNpuFusedLambGlobalNormConformance(ClosureWithinTolerance, OptimizerConformance):
+    """torch_npu's ``use_global_grad_norm``: the gradients divided by the global norm above 1."""
 
     optimizer_cls = NpuFusedLamb
     reference_cls = NpuLamb
@@ -140,7 +176,7 @@ ADAMP_CONFIGS = {
 ADAMP_BAD = [*BAD, (dict(delta=-0.1), ValueError), (dict(wd_ratio=-1.0), ValueError)]
 
 
-class TestFusedAdamPConformance(OptimizerConformance):
+class TestFusedAdamPConformance(ClosureWithinTolerance, OptimizerConformance):
     optimizer_cls = FusedAdamP
     reference_cls = AdamP
     configs = ADAMP_CONFIGS
@@ -154,7 +190,7 @@ class TestFusedAdamPConformance(OptimizerConformance):
 NPU_ADAMP_CONFIGS = {"projected_nesterov": dict(lr=1e-2, weight_decay=0.1, delta=1e3, nesterov=True)}
 
 
-class TestNpuFusedAdamPConformance(OptimizerConformance):
+class TestNpuFusedAdamPConformance(ClosureWithinTolerance, OptimizerConformance):
     optimizer_cls = NpuFusedAdamP
     reference_cls = NpuAdamP
     configs = NPU_ADAMP_CONFIGS

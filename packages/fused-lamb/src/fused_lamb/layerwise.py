@@ -106,7 +106,8 @@ class Channels:
     """
 
     def __init__(self, run: RunInfo, length: int, device: torch.device) -> None:
-        shapes = [(p.dim(), p.size(0) if p.dim() else 1, p.stride(0) if p.dim() else 1) for p in run.parameters]
+        layout = [(p.shape, p.stride()) for p in run.parameters]
+        shapes = [(len(shape), shape[0], stride[0]) if shape else (0, 1, 1) for shape, stride in layout]
         dims, size0, stride0 = torch.tensor(shapes, dtype=torch.int64).reshape(-1, 3).unbind(1)
         numels = run.numels
         self.run, self.length, self.device = run, length, device

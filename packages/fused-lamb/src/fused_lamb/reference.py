@@ -194,8 +194,8 @@ class Lamb(_Reference):
         if group["adam_w_mode"] and weight_decay != 0:
             torch._foreach_add_(updates, params, alpha=weight_decay)
         if self._uses_ratio(group):
-            weight_norms = torch.stack(torch._foreach_norm(params)).float()
-            update_norms = torch.stack(torch._foreach_norm(updates)).float()
+            weight_norms = torch.stack([norm.double() for norm in torch._foreach_norm(params)])
+            update_norms = torch.stack([norm.double() for norm in torch._foreach_norm(updates)])
             torch._foreach_mul_(updates, self._ratio(weight_norms, update_norms, group).tolist())
         torch._foreach_add_(params, updates, alpha=-lr)
 
