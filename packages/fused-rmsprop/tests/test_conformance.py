@@ -44,10 +44,10 @@ EXACT = (torch.float32, torch.float64)
 
 
 ADADELTA_FP16_SUBNORMAL = (
-    "Adadelta in fp16 with torch's defaults (lr=1, eps=1e-6): acc_delta starts near (1 - rho) * eps = 1e-7, "
-    "a few fp16 subnormal steps (2^-24), and nearly equal in every element, so rounding it is one shared bias, "
-    "not random error; at step 2 torch's per-op roundings (eps itself rounded to the subnormal grid) happen to "
-    "offset that bias, and ours (fp32 math, one rounding) is about 1.2x further from float64 on average "
+    "Adadelta in fp16 with torch's defaults (lr=1, eps=1e-6): acc_delta starts at about eps = 1e-6 in nearly "
+    "every element (the first step saturates at sqrt(eps / (1 - rho))), 17 fp16 subnormal steps (2^-24), so "
+    "rounding it is one shared bias, not random error; at step 2 torch's per-op roundings happen to offset part "
+    "of that bias, and ours (fp32 math, one rounding) is about 1.2x further from float64 on average "
     "(docs/optimizers/adadelta.md)"
 )
 

@@ -12,8 +12,8 @@ side); fp16/bf16 slices are computed in fp32 in cache-sized chunks and rounded o
 * :func:`adadelta_composite`: torch.optim.Adadelta's ``_single_tensor_adadelta``.
 
 A run's state starts on its first step (``step`` 0, buffers 0, RMSpropTF's ``square_avg`` 1); each
-step adds one to ``step``, which none of the updates reads. On the CPU the C kernels of
-:mod:`fused_rmsprop.c_kernel` serve instead, checked bit for bit against these when they load.
+step adds one to ``step``, which none of the updates reads. On the CPU the C launchers of
+:mod:`fused_rmsprop.c_launchers` serve instead, checked bit for bit against these when they load.
 """
 
 from __future__ import annotations
