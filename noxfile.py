@@ -1,7 +1,7 @@
 """Test orchestration: one session per package, each in its own virtualenv.
 
-`nox` runs the default sessions: every package's tests (`core`, `sgd`, `adam`, `distributed`, `testing`,
-`cli`), `lint`, then `docs`, the site (its HTML goes to `.nox/docs/tmp/site`).
+`nox` runs the default sessions: every package's tests (`core`, `sgd`, `adam`, `rmsprop`, `lamb`, `lion`,
+`distributed`, `testing`, `cli`), `lint`, then `docs`, the site (its HTML goes to `.nox/docs/tmp/site`).
 
 torch is installed once, not once per session. The session `torch` (every other session
 `requires` it, so nox runs it first) makes the virtualenv `.nox/torch`, which holds only torch,
@@ -44,12 +44,15 @@ nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_existing_virtualenvs = False
 # The docs toolchain (mkdocstrings 1.0, mkdocstrings-python 2) needs Python 3.11+: on 3.10 the
 # docs are not a default session (CI builds them on 3.11), rather than a skipped one.
-nox.options.sessions = ["core", "sgd", "adam", "distributed", "testing", "cli", "lint"]
+nox.options.sessions = ["core", "sgd", "adam", "rmsprop", "lamb", "lion", "distributed", "testing", "cli", "lint"]
 nox.options.sessions += ["docs"] if sys.version_info >= (3, 11) else []
 
 TORCH = os.environ.get("FUSED_OPTIM_TORCH", "torch==2.13.0")
 CORE, SGD, TESTING = "./packages/fused-core", "./packages/fused-sgd", "./packages/testing-utils"
 ADAM = "./packages/fused-adam"
+RMSPROP, LAMB, LION = "./packages/fused-rmsprop", "./packages/fused-lamb", "./packages/fused-lion"
+PLUGINS = {SGD: "fused_sgd", ADAM: "fused_adam", RMSPROP: "fused_rmsprop", LAMB: "fused_lamb", LION: "fused_lion"}
+"""Every optimizer plugin package of the monorepo, and its import name."""
 CLI = "./packages/fused-optim"
 # Installed with pytest where the tests import torch and no installed package declares numpy:
 # torch warns "Failed to initialize NumPy" without it.
@@ -179,6 +182,30 @@ def adam(session: nox.Session) -> None:
 
 
 @nox.session(**WITH_SHARED_TORCH)
+def rmsprop(session: nox.Session) -> None:
+    """fused-rmsprop's tests: RMSprop and Adadelta against torch.optim, RMSpropTF against its float64 reference."""
+    install(session, RMSPROP, TESTING, NUMPY)
+    session.run("pytest", "-q", "packages/fused-rmsprop/tests", *session.posargs)
+
+
+@nox.session(**WITH_SHARED_TORCH)
+def lamb(session: nox.Session) -> None:
+    """fused-lamb's tests: Lamb and AdamP against their per-tensor and float64 references."""
+    install(session, LAMB, TESTING, NUMPY)
+    session.run("pytest", "-q", "packages/fused-lamb/tests", *session.posargs)
+
+
+@nox.session(**WITH_SHARED_TORCH)
+def lion(session: nox.Session) -> None:
+    """fused-lion's tests: Lion against its per-tensor and float64 references."""
+    install(session, LION, TESTING, NUMPY)
+    session.run("pytest", "-q", "packages/fused-lion/tests", *session.posargs)
+    # The composite launcher alone (torch ops: what CUDA and NPU run), without the C kernel.
+    composite = {"FUSED_OPTIM_DISABLE_NATIVE": "1"}
+    session.run("pytest", "-q", "packages/fused-lion/tests/test_conformance.py", *session.posargs, env=composite)
+
+
+@nox.session(**WITH_SHARED_TORCH)
 def distributed(session: nox.Session) -> None:
     """FusedSGD under torch.distributed with real processes (gloo on the CPU, 2 and 4 ranks, loopback only):
     DDP, ZeroRedundancyOptimizer, fused_core.distributed.all_reduce_grads, torch.distributed.checkpoint, FSDP2."""
@@ -212,15 +239,10 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(**WITH_SHARED_TORCH)
 def lint(session: nox.Session) -> None:
-    """ruff over the tree, and mypy over the public API of fused_core, fused_sgd and fused_adam."""
-    install(session, SGD, ADAM, "ruff>=0.6", "mypy>=1.10")
+    """ruff over the tree, and mypy over fused-core and every plugin package."""
+    install(session, *PLUGINS, "ruff>=0.6", "mypy>=1.10")
     session.run("ruff", "check", ".")
-    session.run(
-        "mypy",
-        "packages/fused-core/src/fused_core",
-        "packages/fused-sgd/src/fused_sgd",
-        "packages/fused-adam/src/fused_adam",
-    )
+    session.run("mypy", "packages/fused-core/src/fused_core", *(f"{path}/src/{name}" for path, name in PLUGINS.items()))
 
 
 @nox.session(**WITH_SHARED_TORCH)
@@ -228,7 +250,7 @@ def docs(session: nox.Session) -> None:
     """The documentation site, built with `mkdocs build --strict` (a broken link, anchor, snippet or
     docstring reference fails) into .nox/docs/tmp/site, then the scripts in docs/examples that its
     pages show. To read it: `python3 -m http.server -d .nox/docs/tmp/site`, http://127.0.0.1:8000/."""
-    install(session, SGD, ADAM, CLI, *DOCS_TOOLS)
+    install(session, *PLUGINS, CLI, *DOCS_TOOLS)
     site = os.path.join(session.create_tmp(), "site")
     session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
     session.run("pytest", "-q", "docs/examples")

@@ -27,7 +27,16 @@ ROLE = re.compile(r":(class|func|meth|attr|mod|data|exc|obj):`(~?)([\w.]+)`")
 MATH_ROLE = re.compile(r":math:`([^`]+)`")
 MATH_BLOCK = re.compile(r"^(\s*)\.\. math::\s*(.*)$")
 TABLE_BORDER = re.compile(r"^=+( +=+)+$")
-ABSOLUTE_ROOTS = ("fused_core", "fused_sgd", "fused_adam", "fused_testing", "fused_optim")
+ABSOLUTE_ROOTS = (
+    "fused_core",
+    "fused_sgd",
+    "fused_adam",
+    "fused_rmsprop",
+    "fused_lamb",
+    "fused_lion",
+    "fused_testing",
+    "fused_optim",
+)
 
 
 def resolve(obj: griffe.Object, target: str) -> str | None:
