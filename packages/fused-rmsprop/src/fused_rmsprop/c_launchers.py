@@ -108,71 +108,34 @@ def adadelta_c_segments(params: torch.Tensor, state: State, grads: GradSegments,
 
 
 RMSPROP_STATE = ("square_avg", "momentum_buffer", "grad_avg")
+RMSPROP = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)
+RMSPROP_TF = dict(RMSPROP, alpha=0.9, eps=1e-10, decoupled_decay=False, lr_in_momentum=True)
+ADADELTA = dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False)
 PROBES: dict[str, tuple[Launcher, tuple[str, ...], tuple[dict[str, Any], ...]]] = {
     "rmsprop": (
         rmsprop_composite,
         RMSPROP_STATE,
         (
-            dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False),
-            dict(lr=3e-3, alpha=0.9, eps=1e-6, weight_decay=1e-2, momentum=0.9, centered=True, maximize=True),
-            # alpha < 0.5: lerp's other branch; a float32 tensor lr
-            dict(
-                lr=torch.tensor(1e-3),
-                alpha=0.3,
-                eps=1e-3,
-                weight_decay=0.1,
-                momentum=0.5,
-                centered=True,
-                maximize=False,
-            ),
+            RMSPROP,
+            dict(RMSPROP, lr=3e-3, alpha=0.9, eps=1e-6, weight_decay=1e-2, momentum=0.9, centered=True, maximize=True),
+            # alpha > 0.5: lerp's other branch; a float32 tensor lr
+            dict(RMSPROP, lr=torch.tensor(1e-3), alpha=0.3, eps=1e-3, weight_decay=0.1, momentum=0.5, centered=True),
         ),
     ),
     "rmsprop_tf": (
         rmsprop_tf_composite,
         RMSPROP_STATE,
         (
-            dict(
-                lr=1e-2,
-                alpha=0.9,
-                eps=1e-10,
-                weight_decay=0.0,
-                momentum=0.0,
-                centered=False,
-                decoupled_decay=False,
-                lr_in_momentum=True,
-                maximize=False,
-            ),
-            dict(
-                lr=3e-3,
-                alpha=0.9,
-                eps=1e-3,
-                weight_decay=1e-2,
-                momentum=0.9,
-                centered=True,
-                decoupled_decay=True,
-                lr_in_momentum=True,
-                maximize=True,
-            ),
-            dict(
-                lr=torch.tensor(1e-3),
-                alpha=0.5,
-                eps=1e-6,
-                weight_decay=0.1,
-                momentum=0.5,
-                centered=True,
-                decoupled_decay=False,
-                lr_in_momentum=False,
-                maximize=False,
-            ),
+            RMSPROP_TF,
+            dict(RMSPROP_TF, lr=3e-3, eps=1e-3, weight_decay=1e-2, momentum=0.9, centered=True, decoupled_decay=True),
+            dict(RMSPROP_TF, lr=torch.tensor(1e-3), alpha=0.5, eps=1e-6, weight_decay=0.1, momentum=0.5, centered=True),
+            dict(RMSPROP_TF, weight_decay=0.1, momentum=0.5, lr_in_momentum=False, maximize=True),
         ),
     ),
     "adadelta": (
         adadelta_composite,
         ("square_avg", "acc_delta"),
-        (
-            dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
-            dict(lr=torch.tensor(0.5), rho=0.3, eps=1e-3, weight_decay=0.1, maximize=True),
-        ),
+        (ADADELTA, dict(ADADELTA, lr=torch.tensor(0.5), rho=0.3, eps=1e-3, weight_decay=0.1, maximize=True)),
     ),
 }
 """Each kernel's composite, state buffers and probe cases (every flag of the C code's specialisations)."""

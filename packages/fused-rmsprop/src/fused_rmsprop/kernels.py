@@ -18,7 +18,7 @@ step adds one to ``step``, which none of the updates reads. On the CPU the C lau
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -30,17 +30,19 @@ from .reference import rmsprop_tf_update
 State = Mapping[str, torch.Tensor]
 
 
-def start_and_count(state: State, names: tuple[str, ...], run: RunInfo, ones: tuple[str, ...] = ()) -> None:
-    """On the run's first step start ``names`` at zero (``ones`` at one, parameter by parameter:
-    alignment gaps stay zero); then count the step."""
-    steps = state["step"]
+def start_and_count(
+    state: State, run: RunInfo, zeros: Iterable[torch.Tensor | None], ones: torch.Tensor | None = None
+) -> None:
+    """On the run's first step start its ``step`` and the buffers ``zeros`` at zero (``ones`` at one,
+    parameter by parameter: alignment gaps stay zero); then count the step."""
     if run.first_step:
-        steps.zero_()
-        for name in names:
-            state[name].zero_()
-        for name in ones:
-            fill_slots(state[name], run, 1.0)
-    steps.add_(1)
+        state["step"].zero_()
+        for buffer in zeros:
+            if buffer is not None:
+                buffer.zero_()
+        if ones is not None:
+            fill_slots(ones, run, 1.0)
+    state["step"].add_(1)
 
 
 def fill_slots(tensor: torch.Tensor, run: RunInfo, value: float) -> None:
@@ -53,8 +55,10 @@ def fill_slots(tensor: torch.Tensor, run: RunInfo, value: float) -> None:
         tensor[offset : offset + numel].fill_(value)
 
 
-def rmsprop_state(state: State, hp: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(square_avg, grad_avg or None, momentum_buffer or None)`` as the group's hyperparameters use them."""
+def rmsprop_buffers(
+    state: State, hp: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(square_avg, grad_avg or None, momentum_buffer or None)``: what an RMSprop(TF) group uses."""
     grad_avg = state["grad_avg"] if hp["centered"] else None
     return state["square_avg"], grad_avg, state["momentum_buffer"] if hp["momentum"] > 0 else None
 
@@ -90,22 +94,17 @@ def rmsprop_composite(
     params: torch.Tensor, grads: torch.Tensor, state: State, hp: Mapping[str, Any], run: RunInfo
 ) -> None:
     """RMSprop from torch ops over one run; low precision through fp32 chunks."""
-    buffers = rmsprop_state(state, hp)
-    start_and_count(state, tuple(rmsprop_names(hp)), run)
+    buffers = rmsprop_buffers(state, hp)
+    start_and_count(state, run, zeros=buffers)
     in_fp32_chunks(lambda p, g, v, a, b: rmsprop_update(p, g, v, a, b, hp), params, grads, *buffers)
-
-
-def rmsprop_names(hp: Mapping[str, Any]) -> list[str]:
-    """The state buffers an RMSprop (or RMSpropTF) group keeps."""
-    return ["square_avg"] + ["momentum_buffer"] * (hp["momentum"] > 0) + ["grad_avg"] * bool(hp["centered"])
 
 
 def rmsprop_tf_composite(
     params: torch.Tensor, grads: torch.Tensor, state: State, hp: Mapping[str, Any], run: RunInfo
 ) -> None:
     """RMSpropTF from torch ops over one run (``square_avg`` starts at one); low precision through fp32 chunks."""
-    buffers = rmsprop_state(state, hp)
-    start_and_count(state, tuple(rmsprop_names(hp)[1:]), run, ones=("square_avg",))
+    buffers = rmsprop_buffers(state, hp)
+    start_and_count(state, run, zeros=buffers[1:], ones=buffers[0])
     keywords = {key: hp[key] for key in RMSPROP_TF_KEYS}
     in_fp32_chunks(lambda p, g, v, a, b: rmsprop_tf_update(p, g, v, a, b, **keywords), params, grads, *buffers)
 
@@ -134,7 +133,7 @@ def adadelta_composite(
     params: torch.Tensor, grads: torch.Tensor, state: State, hp: Mapping[str, Any], run: RunInfo
 ) -> None:
     """Adadelta from torch ops over one run; low precision through fp32 chunks."""
-    start_and_count(state, ("square_avg", "acc_delta"), run)
+    start_and_count(state, run, zeros=(state["square_avg"], state["acc_delta"]))
     in_fp32_chunks(
         lambda p, g, v, u: adadelta_update(p, g, v, u, hp), params, grads, state["square_avg"], state["acc_delta"]
     )
