@@ -43,6 +43,8 @@ NATIVE_LIBRARIES = (
     ("per-parameter reductions (Lamb, AdamP, BertAdam)", "fused_core.reductions", "library", "SOURCE", None),
     ("SGD kernel", "fused_sgd.kernels", "c_library", "C_SOURCE", None),
     ("Adam kernel", "fused_adam.kernels", "c_library", "C_SOURCE", None),
+    ("RMSprop, RMSpropTF and Adadelta kernels", "fused_rmsprop.c_launchers", "c_library", "C_SOURCE", None),
+    ("Lamb kernel", "fused_lamb.lamb_kernels", "c_library", "C_SOURCE", None),
     ("Lion kernel", "fused_lion.kernels", "c_library", "C_SOURCE", None),
 )
 ENV_PREFIX = "FUSED_OPTIM_"
