@@ -26,7 +26,9 @@ Nothing here is required: where no compiler works, the library does not load, or
 ``FUSED_OPTIM_DISABLE_NATIVE`` is set, :func:`load_library` returns None and
 :func:`unavailable_reason` says why, and the plugin's kernel registration falls back to
 torch ops (its dtype predicate says no). The C headers in :data:`INCLUDE_DIR`
-(``fused_half.h``: fp16/bf16 <-> fp32 conversions) are on every compilation's include path.
+(``fused_half.h``: fp16/bf16 <-> fp32 conversions; ``fused_segments.h``: the slot table;
+``fused_sqrt.h``: torch's CPU square root, MKL's where torch has it) are on every compilation's
+include path.
 ctypes releases the GIL for the duration of each call.
 
 What happens is logged through the standard ``logging`` module, to the logger
@@ -72,7 +74,8 @@ DISABLE_ENV = "FUSED_OPTIM_DISABLE_NATIVE"
 CACHE_ENV = "FUSED_OPTIM_CACHE_DIR"
 """Where compiled libraries are kept, instead of the user's cache directory."""
 INCLUDE_DIR = Path(__file__).with_name("csrc")
-"""fused-core's C headers (``fused_half.h``), on the include path of every compilation."""
+"""fused-core's C headers (``fused_half.h``, ``fused_segments.h``, ``fused_sqrt.h``), on the include
+path of every compilation."""
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
     ("-O3", "-fopenmp", "-ffp-contract=off"),

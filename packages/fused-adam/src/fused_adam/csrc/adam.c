@@ -22,8 +22,9 @@
  * not correctly rounded (one result in 130 to 150 is 1 ulp off sqrt() on an AVX-512 CPU). The kernel
  * calls the very functions, found in the loaded libtorch_cpu (or its dependencies), on blocks of
  * BLOCK values, with MKL sequential on its threads; where they are not there (torch without MKL) it
- * uses sqrt(), which is what ATen's Vectorized<T>::sqrt computes. NaN payloads are not reproduced
- * (torch's own differ between its vectorised loops and their scalar tails).
+ * uses sqrt(), which is what ATen's Vectorized<T>::sqrt computes (fused-core's fused_sqrt.h, shared
+ * with fused-rmsprop's rmsprop.c). NaN payloads are not reproduced (torch's own differ between its
+ * vectorised loops and their scalar tails).
  *
  * The scalars, for a slot at step t (the count after this step's increment, as torch uses it), are
  * computed in double as Python computes them:
@@ -59,7 +60,6 @@
  * explicit fma calls) and -fno-math-errno (so that the fallback sqrt vectorises; the bits are the
  * same without it); every flag set of fused_core.native gives the same bits.
  */
-#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -67,64 +67,14 @@
 
 #include "fused_half.h"
 #include "fused_segments.h"
+#include "fused_sqrt.h"
 
 #define PIECE 32768
 #define BLOCK 256
 #define PREFETCH_AHEAD (2 * BLOCK)
 
-/* ------------------------------------------------------------------------------------------------
- * The square root: MKL's, as ATen's, where torch has it. */
-
-typedef void (*vml_sqrt_f32)(int n, const float *a, float *r, int64_t mode);
-typedef void (*vml_sqrt_f64)(int n, const double *a, double *r, int64_t mode);
-#define VML_MODE (0x2 | 0x140000 | 0x100) /* VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, ATen's vml.h */
-
-typedef int (*mkl_threads_fn)(int n);
-
-static vml_sqrt_f32 mkl_sqrt_f32;
-static vml_sqrt_f64 mkl_sqrt_f64;
-static mkl_threads_fn mkl_set_threads_local;
-static int sqrt_resolved;
-
-/* Looks MKL's vmsSqrt/vmdSqrt (LP64, as ATen calls them) and MKL_Set_Num_Threads_Local (the C
- * interface; the lower-case name is Fortran's, which takes a pointer) up in the loaded
- * libtorch_cpu, once. Racing callers store the same values. */
-static void resolve_sqrt(void) {
-    if (__atomic_load_n(&sqrt_resolved, __ATOMIC_ACQUIRE)) return;
-    void *torch = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD); /* kept open: torch stays loaded */
-    void *f32 = torch ? dlsym(torch, "vmsSqrt") : 0, *f64 = torch ? dlsym(torch, "vmdSqrt") : 0;
-    void *threads = torch ? dlsym(torch, "MKL_Set_Num_Threads_Local") : 0;
-    if (f32 != 0 && f64 != 0 && threads != 0) {
-        __atomic_store_n(&mkl_sqrt_f32, (vml_sqrt_f32)f32, __ATOMIC_RELAXED);
-        __atomic_store_n(&mkl_sqrt_f64, (vml_sqrt_f64)f64, __ATOMIC_RELAXED);
-        __atomic_store_n(&mkl_set_threads_local, (mkl_threads_fn)threads, __ATOMIC_RELAXED);
-    }
-    __atomic_store_n(&sqrt_resolved, 1, __ATOMIC_RELEASE);
-}
-
-/* MKL sequential on this thread until mkl_threads_restore: called on an OpenMP thread after
- * torch.set_num_threads (which turns MKL's dynamic threading off), each MKL call opens a nested
- * parallel region, ~1 us, longer than the square roots of a block. Returns the previous setting. */
-static int mkl_sequential(void) { return mkl_set_threads_local != 0 ? mkl_set_threads_local(1) : 0; }
-static void mkl_threads_restore(int previous) {
-    if (mkl_set_threads_local != 0) mkl_set_threads_local(previous); /* 0: MKL's global setting */
-}
-
 /* 1 where the kernels take MKL's square roots (torch built with MKL), 0 where sqrt()'s. */
-int adam_sqrt_is_mkl(void) {
-    resolve_sqrt();
-    return mkl_sqrt_f32 != 0;
-}
-
-static void sqrt_block_f32(const float *restrict x, float *restrict r, int64_t n) {
-    if (mkl_sqrt_f32 != 0) mkl_sqrt_f32((int)n, x, r, VML_MODE);
-    else for (int64_t i = 0; i < n; i++) r[i] = sqrtf(x[i]);
-}
-
-static void sqrt_block_f64(const double *restrict x, double *restrict r, int64_t n) {
-    if (mkl_sqrt_f64 != 0) mkl_sqrt_f64((int)n, x, r, VML_MODE);
-    else for (int64_t i = 0; i < n; i++) r[i] = sqrt(x[i]);
-}
+int adam_sqrt_is_mkl(void) { return fused_sqrt_is_mkl(); }
 
 /* ------------------------------------------------------------------------------------------------
  * The update. */
@@ -326,14 +276,14 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
 
-DEFINE_UPDATE(update_f32, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrt_block_f32, same_f32, same_f32)
-DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, sqrt_block_f64, same_f64, same_f64)
-DEFINE_UPDATE(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrt_block_f32, fused_load_bf16,
+DEFINE_UPDATE(update_f32, float, float, uint32_t, fmaf, flip_f32, pick_f32, fused_sqrt_block_f32, same_f32, same_f32)
+DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, fused_sqrt_block_f64, same_f64, same_f64)
+DEFINE_UPDATE(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, fused_sqrt_block_f32, fused_load_bf16,
               fused_store_bf16)
 
-DEFINE_STAGED(staged_f32, float, float, uint32_t, update_f32_state, sqrt_block_f32, same_f32)
-DEFINE_STAGED(staged_f64, double, double, uint64_t, update_f64_state, sqrt_block_f64, same_f64)
-DEFINE_STAGED(staged_bf16, uint16_t, float, uint32_t, update_bf16_state, sqrt_block_f32, fused_store_bf16)
+DEFINE_STAGED(staged_f32, float, float, uint32_t, update_f32_state, fused_sqrt_block_f32, same_f32)
+DEFINE_STAGED(staged_f64, double, double, uint64_t, update_f64_state, fused_sqrt_block_f64, same_f64)
+DEFINE_STAGED(staged_bf16, uint16_t, float, uint32_t, update_bf16_state, fused_sqrt_block_f32, fused_store_bf16)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
 static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
@@ -379,13 +329,13 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
                  int threads) {                                                                             \
         struct adam_hyper h = {lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_single,          \
                                max_exp_avg_sq != 0};                                                         \
-        resolve_sqrt();                                                                                    \
+        fused_sqrt_resolve();                                                                              \
         int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                   \
         if (starts == 0) return -1;                                                                        \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
         _Pragma("omp parallel num_threads(threads) if(pieces > 1 && threads > 1)")                           \
         {                                                                                                  \
-        int mkl_threads = mkl_sequential();                                                                \
+        int mkl_threads = fused_mkl_sequential();                                                          \
         struct STAGED##_ctx *ctx = calloc(1, sizeof(struct STAGED##_ctx));                                   \
         double scalars_step = NAN;                                                                         \
         struct adam_scalars s;                                                                             \
@@ -425,7 +375,7 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
         }                                                                                                  \
         if (ctx != 0) STAGED##_flush(ctx);                                                                 \
         free(ctx);                                                                                         \
-        mkl_threads_restore(mkl_threads);                                                                  \
+        fused_mkl_threads_restore(mkl_threads);                                                            \
         }                                                                                                  \
         free(starts);                                                                                      \
         return fused_mark_started(has_grad, initialized, slots);                                           \

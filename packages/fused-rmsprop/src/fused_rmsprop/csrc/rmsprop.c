@@ -43,8 +43,8 @@
  * SQRT is torch's CPU sqrt: where torch is built with MKL, ATen computes it with MKL's vmsSqrt/vmdSqrt
  * (VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not correctly rounded; the kernel calls the very
  * functions, found in the loaded libtorch_cpu, on blocks of BLOCK values, with MKL sequential on its
- * threads; without them, sqrt(), which is what ATen's Vectorized<T>::sqrt computes (the same scheme
- * as fused-adam's adam.c). NaN payloads are not reproduced.
+ * threads; without them, sqrt(), which is what ATen's Vectorized<T>::sqrt computes (fused-core's
+ * fused_sqrt.h, shared with fused-adam's adam.c). NaN payloads are not reproduced.
  *
  * Slots whose state is not initialised (initialized[i] == 0) start from the optimizers' initial state:
  * zeros, RMSpropTF's square_avg ones (written piece by piece just before the update reads them back
@@ -61,7 +61,6 @@
  * a block share one (thousands of small parameters would otherwise cost an MKL call each). Built with
  * -ffp-contract=off (no fusing but the explicit fma calls); every flag set gives the same bits.
  */
-#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -69,62 +68,13 @@
 
 #include "fused_half.h"
 #include "fused_segments.h"
+#include "fused_sqrt.h"
 
 #define PIECE 32768
 #define BLOCK 256
 
-/* ------------------------------------------------------------------------------------------------
- * The square root: MKL's, as ATen's, where torch has it. */
-
-typedef void (*vml_sqrt_f32)(int n, const float *a, float *r, int64_t mode);
-typedef void (*vml_sqrt_f64)(int n, const double *a, double *r, int64_t mode);
-typedef int (*mkl_threads_fn)(int n);
-#define VML_MODE (0x2 | 0x140000 | 0x100) /* VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, ATen's vml.h */
-
-static struct {
-    vml_sqrt_f32 f32;
-    vml_sqrt_f64 f64;
-    mkl_threads_fn set_threads_local;
-    int resolved;
-} mkl;
-
-/* vmsSqrt, vmdSqrt and MKL_Set_Num_Threads_Local in the loaded libtorch_cpu, looked up once (racing
- * callers store the same values). */
-static void mkl_resolve(void) {
-    if (__atomic_load_n(&mkl.resolved, __ATOMIC_ACQUIRE)) return;
-    void *torch = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD); /* kept open: torch stays loaded */
-    void *f32 = torch ? dlsym(torch, "vmsSqrt") : 0, *f64 = torch ? dlsym(torch, "vmdSqrt") : 0;
-    void *threads = torch ? dlsym(torch, "MKL_Set_Num_Threads_Local") : 0;
-    if (f32 && f64 && threads) {
-        __atomic_store_n(&mkl.f32, (vml_sqrt_f32)f32, __ATOMIC_RELAXED);
-        __atomic_store_n(&mkl.f64, (vml_sqrt_f64)f64, __ATOMIC_RELAXED);
-        __atomic_store_n(&mkl.set_threads_local, (mkl_threads_fn)threads, __ATOMIC_RELAXED);
-    }
-    __atomic_store_n(&mkl.resolved, 1, __ATOMIC_RELEASE);
-}
-
 /* 1 where the kernels take MKL's square roots (torch built with MKL), 0 where sqrt()'s. */
-int rmsprop_sqrt_is_mkl(void) {
-    mkl_resolve();
-    return mkl.f32 != 0;
-}
-
-/* MKL sequential on this OpenMP thread (each MKL call would open a nested parallel region, longer than
- * a block's square roots); returns the previous setting for mkl_threads_restore. */
-static int mkl_sequential(void) { return mkl.set_threads_local ? mkl.set_threads_local(1) : 0; }
-static void mkl_threads_restore(int previous) {
-    if (mkl.set_threads_local) mkl.set_threads_local(previous);
-}
-
-static void sqrt_block_f32(const float *restrict x, float *restrict r, int n) {
-    if (mkl.f32) mkl.f32(n, x, r, VML_MODE);
-    else for (int i = 0; i < n; i++) r[i] = sqrtf(x[i]);
-}
-
-static void sqrt_block_f64(const double *restrict x, double *restrict r, int n) {
-    if (mkl.f64) mkl.f64(n, x, r, VML_MODE);
-    else for (int i = 0; i < n; i++) r[i] = sqrt(x[i]);
-}
+int rmsprop_sqrt_is_mkl(void) { return fused_sqrt_is_mkl(); }
 
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
@@ -312,7 +262,7 @@ struct staged {
     static int64_t NAME##_segments(const struct hyper *h, int adadelta, T *param, T *v, T *a, T *buf,        \
                                    const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets,  \
                                    const int64_t *numels, uint8_t *initialized, int64_t slots, int threads) { \
-        mkl_resolve();                                                                                        \
+        fused_sqrt_resolve();                                                                                  \
         int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                      \
         if (starts == 0) return -1;                                                                           \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                                  \
@@ -320,7 +270,7 @@ struct staged {
         NAME##_scalars(h, k);                                                                                 \
         _Pragma("omp parallel num_threads(threads) if(pieces > 1 && threads > 1)")                            \
         {                                                                                                     \
-            int mkl_threads = mkl_sequential();                                                               \
+            int mkl_threads = fused_mkl_sequential();                                                         \
             struct NAME##_ctx *x = malloc(sizeof(struct NAME##_ctx));                                         \
             if (x != 0) x->fill = x->segs = 0;                                                                \
             _Pragma("omp for schedule(dynamic, 1)")                                                           \
@@ -345,7 +295,7 @@ struct staged {
             }                                                                                                 \
             if (x != 0) NAME##_flush(x, h, k, adadelta);                                                      \
             free(x);                                                                                          \
-            mkl_threads_restore(mkl_threads);                                                                 \
+            fused_mkl_threads_restore(mkl_threads);                                                           \
         }                                                                                                     \
         free(starts);                                                                                         \
         return fused_mark_started(has_grad, initialized, slots);                                              \
@@ -371,7 +321,7 @@ struct staged {
                                initialized, slots, threads);                                                  \
     }
 
-DEFINE_UPDATES(f32, float, float, fmaf, same_f32, same_f32, sqrt_block_f32)
-DEFINE_UPDATES(f64, double, double, fma, same_f64, same_f64, sqrt_block_f64)
-DEFINE_UPDATES(bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16, sqrt_block_f32)
-DEFINE_UPDATES(fp16, uint16_t, float, fmaf, fused_load_fp16, fused_store_fp16, sqrt_block_f32)
+DEFINE_UPDATES(f32, float, float, fmaf, same_f32, same_f32, fused_sqrt_block_f32)
+DEFINE_UPDATES(f64, double, double, fma, same_f64, same_f64, fused_sqrt_block_f64)
+DEFINE_UPDATES(bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16, fused_sqrt_block_f32)
+DEFINE_UPDATES(fp16, uint16_t, float, fmaf, fused_load_fp16, fused_store_fp16, fused_sqrt_block_f32)
