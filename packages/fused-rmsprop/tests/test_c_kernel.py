@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fused_core import native
-from fused_core.kernels import GradSegments, same_bits
+from fused_core.kernels import DTYPE_SUFFIXES, GradSegments, same_bits
 from fused_rmsprop import c_kernel, c_launchers
 from fused_rmsprop.reference import RMSpropTF
 
@@ -248,7 +248,7 @@ def test_the_cpu_is_served_by_the_c_kernels(library) -> None:
 
     FusedRMSprop([torch.nn.Parameter(torch.zeros(1))])  # registers the plugin
     for kernel in KERNELS:
-        for dtype in c_kernel.SUFFIXES:
+        for dtype in DTYPE_SUFFIXES:
             cpu = torch.device("cpu")
             assert registry.kernels.resolve(kernel, cpu, dtype) is getattr(c_launchers, f"{kernel}_c_flat")
             assert registry.kernels.resolve(f"{kernel}[segments]", cpu, dtype) is getattr(

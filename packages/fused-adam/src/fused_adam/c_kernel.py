@@ -19,16 +19,11 @@ from typing import Any
 
 import torch
 
-from fused_core.kernels import GradSegments, as_float
+from fused_core.kernels import GradSegments, as_float, dtype_symbols
 from fused_core.native import NativeLibrary, SelfCheck, load_library
 
 C_SOURCE = Path(__file__).with_name("csrc") / "adam.c"
-C_SEGMENT_FUNCTIONS = {
-    torch.float32: "adam_segments_f32",
-    torch.float64: "adam_segments_f64",
-    torch.bfloat16: "adam_segments_bf16",
-    torch.float16: "adam_segments_fp16",
-}
+C_SEGMENT_FUNCTIONS = dtype_symbols("adam_segments")
 C_SIGNATURE = (
     ctypes.c_int64,
     # param, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, grad_ptrs, has_grad, offsets, numels, initialized
@@ -90,12 +85,7 @@ def call(
         state["exp_avg_sq"].data_ptr(),
         state["max_exp_avg_sq"].data_ptr() if amsgrad else None,
         steps.data_ptr(),
-        grads.ptrs.data_ptr(),
-        grads.has_grad.data_ptr(),
-        grads.offsets.data_ptr(),
-        grads.numels.data_ptr(),
-        grads.initialized.data_ptr(),
-        grads.slots,
+        *grads.c_arguments(),
         as_float(lr),
         float(beta1),
         float(beta2),

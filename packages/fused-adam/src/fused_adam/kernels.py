@@ -161,7 +161,7 @@ def _c_step(
         steps.add_(1)
         steps = steps[:1]
     else:
-        steps.masked_fill_((grads.initialized == 0) & (grads.has_grad != 0), 0).add_(grads.has_grad)
+        grads.count_steps_(steps)
     return c_kernel.call(library, params, state, grads, hp, steps=steps.double())
 
 

@@ -47,7 +47,7 @@ happens once per (kernel, device, dtype) while building a layout, never per step
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -144,6 +144,29 @@ class GradSegments:
             initialized=torch.tensor([int(initialized)], dtype=torch.uint8),
         )
 
+    def c_arguments(self) -> tuple[int, ...]:
+        """The slot table as a C segment kernel takes it, after its buffers and before its scalars
+        (``fused_core/csrc/fused_segments.h``)::
+
+            const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets,
+            const int64_t *numels, uint8_t *initialized, int64_t slots
+        """
+        return (
+            self.ptrs.data_ptr(),
+            self.has_grad.data_ptr(),
+            self.offsets.data_ptr(),
+            self.numels.data_ptr(),
+            self.initialized.data_ptr(),
+            self.slots,
+        )
+
+    def count_steps_(self, steps: torch.Tensor) -> torch.Tensor:
+        """Count this step into a per-slot step table (a scalar state such as Adam's ``step``, one value
+        per slot): restart at 0 where a slot's state starts now (a gradient, not initialised), then add 1
+        where a slot has a gradient. Returns ``steps``, counted in place."""
+        starting = (self.initialized == 0) & (self.has_grad != 0)
+        return steps.masked_fill_(starting, 0).add_(self.has_grad)
+
 
 class SegmentLauncher(Protocol):
     def __call__(
@@ -154,6 +177,16 @@ class SegmentLauncher(Protocol):
         hyperparams: Mapping[str, Any],
         /,
     ) -> int: ...
+
+
+DTYPE_SUFFIXES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+"""The suffix of a C kernel's function for each dtype it serves, by convention: ``sgd_segments_f32``."""
+
+
+def dtype_symbols(prefix: str, dtypes: Iterable[torch.dtype] = tuple(DTYPE_SUFFIXES)) -> dict[torch.dtype, str]:
+    """The exported function of each dtype of a kernel, by the naming convention:
+    ``dtype_symbols("adam_segments")[torch.float32] == "adam_segments_f32"``."""
+    return {dtype: f"{prefix}_{DTYPE_SUFFIXES[dtype]}" for dtype in dtypes}
 
 
 LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})

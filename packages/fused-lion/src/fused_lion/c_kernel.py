@@ -19,16 +19,11 @@ from typing import Any
 
 import torch
 
-from fused_core.kernels import GradSegments, as_float, as_scalar
+from fused_core.kernels import GradSegments, as_float, as_scalar, dtype_symbols
 from fused_core.native import NativeLibrary, SelfCheck, load_library
 
 C_SOURCE = Path(__file__).with_name("csrc") / "lion.c"
-C_SEGMENT_FUNCTIONS = {
-    torch.float32: "lion_segments_f32",
-    torch.float64: "lion_segments_f64",
-    torch.bfloat16: "lion_segments_bf16",
-    torch.float16: "lion_segments_fp16",
-}
+C_SEGMENT_FUNCTIONS = dtype_symbols("lion_segments")
 C_SIGNATURE = (
     ctypes.c_int64,
     # param, exp_avg, grad_ptrs, has_grad, offsets, numels, initialized
@@ -74,12 +69,7 @@ def call(
     started = getattr(library.cdll, C_SEGMENT_FUNCTIONS[params.dtype])(
         params.data_ptr(),
         exp_avg.data_ptr(),
-        grads.ptrs.data_ptr(),
-        grads.has_grad.data_ptr(),
-        grads.offsets.data_ptr(),
-        grads.numels.data_ptr(),
-        grads.initialized.data_ptr(),
-        grads.slots,
+        *grads.c_arguments(),
         -as_float(lr),
         decay,
         float(beta1),

@@ -22,15 +22,11 @@ from typing import Any
 
 import torch
 
-from fused_core.kernels import GradSegments, as_float
+from fused_core.kernels import DTYPE_SUFFIXES, GradSegments, as_float, dtype_symbols
 from fused_core.native import NativeLibrary, SelfCheck, load_library
 
 C_SOURCE = Path(__file__).with_name("csrc") / "rmsprop.c"
-SUFFIXES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-C_FUNCTIONS = {
-    kernel: {dtype: f"{kernel}_segments_{suffix}" for dtype, suffix in SUFFIXES.items()}
-    for kernel in ("rmsprop", "adadelta")
-}
+C_FUNCTIONS = {kernel: dtype_symbols(f"{kernel}_segments") for kernel in ("rmsprop", "adadelta")}
 """The exported function of each kernel (``rmsprop`` serves RMSpropTF too) and dtype."""
 SLOT_TABLE = [ctypes.c_void_p] * 5 + [ctypes.c_int64]
 """grad_ptrs, has_grad, offsets, numels, initialized; slots."""
@@ -61,23 +57,12 @@ def load(check: SelfCheck | None = None) -> NativeLibrary | None:
 
 
 def _function(library: NativeLibrary, kernel: str, params: torch.Tensor, hp: Mapping[str, Any]) -> Any:
-    if params.dtype not in SUFFIXES or params.device.type != "cpu" or not params.is_contiguous():
+    if params.dtype not in DTYPE_SUFFIXES or params.device.type != "cpu" or not params.is_contiguous():
         raise RuntimeError(f"the C {kernel} kernel cannot serve {params.dtype} on {params.device}")
     lr = hp["lr"]
     if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the C {kernel} kernel takes lr as a float or a float32/float64 tensor, not {lr.dtype}")
     return getattr(library.cdll, C_FUNCTIONS[kernel][params.dtype])
-
-
-def _slot_table(grads: GradSegments) -> list[Any]:
-    return [
-        grads.ptrs.data_ptr(),
-        grads.has_grad.data_ptr(),
-        grads.offsets.data_ptr(),
-        grads.numels.data_ptr(),
-        grads.initialized.data_ptr(),
-        grads.slots,
-    ]
 
 
 def _checked(started: int, kernel: str) -> int:
@@ -110,7 +95,7 @@ def call_rmsprop(
         state["square_avg"].data_ptr(),
         state["grad_avg"].data_ptr() if hp["centered"] else None,
         state["momentum_buffer"].data_ptr() if momentum > 0 else None,
-        *_slot_table(grads),
+        *grads.c_arguments(),
         as_float(hp["lr"]),
         float(hp["alpha"]),
         float(hp["eps"]),
@@ -142,7 +127,7 @@ def call_adadelta(
         params.data_ptr(),
         state["square_avg"].data_ptr(),
         state["acc_delta"].data_ptr(),
-        *_slot_table(grads),
+        *grads.c_arguments(),
         as_float(hp["lr"]),
         float(hp["rho"]),
         float(hp["eps"]),

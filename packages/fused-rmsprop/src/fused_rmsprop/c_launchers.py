@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fused_core.kernels import GradSegments, Launcher, RunInfo, launcher_agrees
+from fused_core.kernels import DTYPE_SUFFIXES, GradSegments, Launcher, RunInfo, launcher_agrees
 from fused_core.native import NativeLibrary
 
 from . import c_kernel
@@ -47,7 +47,7 @@ def c_library() -> NativeLibrary | None:
 
 def c_serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Route a CPU dtype to the C launchers when a build loaded (and so passed its self-check)."""
-    return device.type == "cpu" and dtype in c_kernel.SUFFIXES and c_library() is not None
+    return device.type == "cpu" and dtype in DTYPE_SUFFIXES and c_library() is not None
 
 
 def flat_step(
@@ -73,7 +73,7 @@ def segments_step(kernel: str, params: torch.Tensor, state: State, grads: GradSe
     library = c_library()
     if library is None:
         raise RuntimeError(f"the C {kernel} kernel is not available")
-    state["step"].masked_fill_((grads.initialized == 0) & (grads.has_grad != 0), 0).add_(grads.has_grad)
+    grads.count_steps_(state["step"])
     return CALLS[kernel](library, params, state, grads, hp)
 
 
@@ -147,7 +147,7 @@ def c_kernels_match_composites(library: NativeLibrary) -> bool:
     """Whether ``library`` gives every composite's bits for every dtype on the CPU (run by
     ``fused_core.native`` on every load; a build that fails is rejected)."""
     return all(
-        kernel_agrees(library, kernel, dtype, torch.device("cpu")) for kernel in PROBES for dtype in c_kernel.SUFFIXES
+        kernel_agrees(library, kernel, dtype, torch.device("cpu")) for kernel in PROBES for dtype in DTYPE_SUFFIXES
     )
 
 

@@ -55,6 +55,7 @@ from fused_core.kernels import (
     Launcher,
     RunInfo,
     as_float,
+    dtype_symbols,
     in_fp32_chunks,
     launcher_agrees,
 )
@@ -135,12 +136,7 @@ def sgd_native_fused_fp32_chunks(
 
 
 C_SOURCE = Path(__file__).with_name("csrc") / "sgd.c"
-C_SEGMENT_FUNCTIONS = {
-    torch.float32: "sgd_segments_f32",
-    torch.float64: "sgd_segments_f64",
-    torch.bfloat16: "sgd_segments_bf16",
-    torch.float16: "sgd_segments_fp16",
-}
+C_SEGMENT_FUNCTIONS = dtype_symbols("sgd_segments")
 _C_SIGNATURE = (
     ctypes.c_int64,
     [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_double] * 4 + [ctypes.c_int] * 3,
@@ -204,12 +200,7 @@ def _c_call(
     started = getattr(library.cdll, C_SEGMENT_FUNCTIONS[params.dtype])(
         params.data_ptr(),
         None if buf is None else buf.data_ptr(),
-        grads.ptrs.data_ptr(),
-        grads.has_grad.data_ptr(),
-        grads.offsets.data_ptr(),
-        grads.numels.data_ptr(),
-        grads.initialized.data_ptr(),
-        grads.slots,
+        *grads.c_arguments(),
         as_float(hp["lr"]),
         float(hp["weight_decay"]),
         float(hp["momentum"]),
