@@ -127,13 +127,14 @@ CLIPPED_CONFIGS = {
 
 
 class TestFusedLambClippedConformance(ClosureWithinTolerance, OptimizerConformance):
-    """With global clipping reached (fused-core's global norm, from fp32 partial sums, and the
-    reference's, from fp64 sums, may differ in the last bit)."""
+    """With global clipping reached: the global norm divides every gradient, and fused-core's
+    (fp64 sums in its C kernel, fp32 chunk norms where torch ops compute it) and the reference's
+    (fp64 sums) differ by up to ~1e-6 relative."""
 
     optimizer_cls = FusedLamb
     reference_cls = Lamb
     configs = CLIPPED_CONFIGS
-    rtol = 1e-6
+    rtol = 1e-5
     second_group = {"lr": 1e-3, "max_grad_norm": None}
     expected_failures = {**dtype_change(CLIPPED_CONFIGS), "test_low_precision[apex_defaults-float16]": UNDERFLOW}
     locals().update(SHARED)
@@ -154,12 +155,13 @@ class TestNpuFusedLambConformance(ClosureWithinTolerance, OptimizerConformance):
 
 
 class TestNpuFusedLambGlobalNormConformance(ClosureWithinTolerance, OptimizerConformance):
-    """torch_npu's ``use_global_grad_norm``: the gradients divided by the global norm above 1."""
+    """torch_npu's ``use_global_grad_norm``: the gradients divided by the global norm above 1
+    (within 1e-5, as :class:`TestFusedLambClippedConformance`)."""
 
     optimizer_cls = NpuFusedLamb
     reference_cls = NpuLamb
     configs = {"global_norm_wd": dict(lr=1e-2, weight_decay=1e-2, use_global_grad_norm=True)}
-    rtol = 1e-6
+    rtol = 1e-5
     zero_grad_set_to_none_default = False
     expected_failures = {**dtype_change(configs), "test_low_precision[global_norm_wd-float16]": UNDERFLOW}
     locals().update(SHARED)
