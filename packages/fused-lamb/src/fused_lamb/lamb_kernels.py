@@ -20,8 +20,9 @@ global gradient norm :math:`G` (over every parameter of the optimizer, computed 
   (:func:`fused_lamb.layerwise.in_fp32_runs`), rounded once. The elementwise ops are those of
   :class:`fused_lamb.reference.Lamb` in its order.
 * :func:`lamb_c_flat` and :func:`lamb_c_segments` (CPU, fp32/fp64/bf16/fp16): ``csrc/lamb.c``, two
-  passes over memory (moments and both norms, then the step), checked against the composite when
-  the library loads (:func:`c_kernel_matches_composite`).
+  passes over memory (both norms of every parameter, then the moments and the step), gradients read
+  where they lie; to a few ulps of the composite (its own sqrt and order of additions), checked
+  when the library loads (:func:`c_kernel_matches_composite`).
 """
 
 from __future__ import annotations

@@ -144,4 +144,4 @@ class FusedAdamP(FillsMissingGroupKeys):
         super().__init__(params, defaults)
 
 
-__all__ = ["FusedAdamP", "FusedLamb"]
+__all__ = ["FillsMissingGroupKeys", "FusedAdamP", "FusedLamb"]

@@ -8,8 +8,9 @@ is in the docstrings of :class:`fused_lamb.FusedLamb` and :class:`fused_lamb.Fus
 
 * ``foreach=False``: torch ops per parameter, the obvious way.
 * ``foreach=True``: the same step with ``torch._foreach_*`` ops over each param group's tensors
-  (the per-parameter norms from ``torch._foreach_norm``; AdamP's projection, which works on each
-  parameter's rows, stays per parameter). Agrees with ``foreach=False`` to rounding.
+  (the per-parameter norms and Lamb's global norm from ``torch._foreach_norm``; AdamP's
+  projection, which works on each parameter's rows, stays per parameter). Agrees with
+  ``foreach=False`` to rounding.
 
 Norms and dot products are accumulated in float64 (per parameter or per row) and rounded to the
 result dtype of :func:`fused_core.reductions.result_dtype` (float32, float64 for float64
@@ -121,6 +122,9 @@ class Lamb(_Reference):
         if not grads:
             return torch.tensor(0.0)
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        if self.foreach:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+            return torch.linalg.vector_norm(torch.stack(norms)).to(dtype)
         return sum((g.double() * g.double()).sum() for g in grads).sqrt().to(dtype)  # type: ignore[union-attr]
 
     @torch.no_grad()
