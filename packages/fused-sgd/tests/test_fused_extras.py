@@ -210,17 +210,14 @@ def test_clip_non_finite_gradient_like_torch(dtype: torch.dtype, norm_type: floa
 
 
 def test_clip_fp32_gradients_whose_squares_overflow(norm_path: str) -> None:
-    """fp32 gradients near 1e20: their squares overflow fp32. The C kernel's norm does not
-    (float64 reference); torch's own clip_grad_norm_ returns inf here and zeroes every gradient,
-    and the torch-op fallback does what torch does."""
+    """fp32 gradients near 1e20: their squares overflow fp32. torch's own clip_grad_norm_ returns
+    inf here and zeroes every gradient; both of our paths (the C kernel, and torch ops accumulating
+    the chunk norms in fp64) give the float64 norm and scale by it (docs/migration.md)."""
     params, optimizer, grads = _clip_setup(torch.float32, seed=34, scale=1e20)
     exact = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))
-    torch_norm, torch_grads = torch_clip(grads, 1.0, 2.0)
+    torch_norm, _ = torch_clip(grads, 1.0, 2.0)
+    assert torch.isinf(torch_norm)  # what torch does, for the record
     norm = optimizer.clip_grad_norm_fused_(1.0)
-    if norm_path == "torch-ops":
-        assert torch.equal(norm, torch_norm)
-        assert all(torch.equal(p.grad, theirs) for p, theirs in zip(params, torch_grads))
-        return
     assert relative_error(norm, exact) <= 1e-6
     for p, g in zip(params, grads):
         assert relative_error(p.grad, g.double() / float(exact)) <= 1e-6

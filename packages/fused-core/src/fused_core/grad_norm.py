@@ -57,6 +57,8 @@ def library() -> NativeLibrary | None:
 
 PROBE_NUMEL = 2 * 65536 + 11
 """Elements of the load-time probe: more than one of the kernels' 65,536-element pieces, odd length."""
+NO_FLOAT64 = ("npu", "mps")
+"""Device types whose kernels have no fp64: the torch path accumulates chunk norms in fp32 there."""
 SUMSQ_TOLERANCE = 1e-5
 """Relative error allowed in a sum of squares: fp32 partial sums of 256 elements, added in fp64."""
 
@@ -134,10 +136,13 @@ def bucket_norm(bucket: FlatBucket, norm_type: float) -> torch.Tensor:
         return torch.tensor(value, dtype=dtype)
     if norm_type == math.inf:
         return torch.stack(torch.aminmax(grads)).abs().max().to(dtype)
-    # Chunk norms in the gradients' dtype (accumulated in fp32 inside torch, as torch's own
-    # clip_grad_norm_ does): asking _foreach_norm for fp32 output is 1.2x slower on the CPU.
-    chunk_norms = torch._foreach_norm(bucket.grad_chunks, norm_type)
-    return torch.linalg.vector_norm(torch.stack(chunk_norms).to(dtype), norm_type)
+    # Chunk norms accumulated in fp64 where the device has it (fp32 on NPU and MPS), as the C kernels
+    # add their partial sums: in the gradients' own dtype fp16/bf16 chunk norms would be rounded to
+    # 8 or 11 bits (up to 0.4 % off) and fp32 ones drift by ~1e-5 over millions of elements, where
+    # Lamb divides every gradient by the total.
+    wide = torch.float32 if grads.device.type in NO_FLOAT64 else torch.promote_types(dtype, torch.float64)
+    chunk_norms = torch._foreach_norm(bucket.grad_chunks, norm_type, dtype=wide)
+    return torch.linalg.vector_norm(torch.stack(chunk_norms), norm_type).to(dtype)
 
 
 def scale_(flat: torch.Tensor, coefficient: torch.Tensor) -> None:
