@@ -50,6 +50,7 @@ class FusedAdam(FusedOptimizer):
     scalar_state_names = ("step",)
     state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     plugin = "fused_adam.plugin"
+    group_defaults = TORCH_GROUP_DEFAULTS
 
     def __init__(
         self,
@@ -81,13 +82,6 @@ class FusedAdam(FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """As torch.optim.Adam: param groups saved by an older torch get the keys they lack."""
-        for group in state.get("param_groups", []):
-            for key, value in TORCH_GROUP_DEFAULTS.items():
-                group.setdefault(key, value)
-        super().__setstate__(state)
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         """As torch.optim.Adam: ``max_exp_avg_sq`` only with amsgrad."""

@@ -20,7 +20,7 @@ with no per-parameter work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +66,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     state_names: ClassVar[tuple[str, ...]] = ()
     scalar_state_names: ClassVar[tuple[str, ...]] = ()
     plugin: ClassVar[str | None] = None
+    group_defaults: ClassVar[Mapping[str, Any]] = {}
+    """Keys a param group saved by an older version may lack, and what they mean then (torch.optim's
+    ``__setstate__`` fills the same: ``maximize=False``, ``foreach=None``, ...): filled in when a
+    state is loaded or unpickled."""
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         if self.plugin is not None:
@@ -84,6 +88,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.register_state_dict_post_hook(compact_state, prepend=True)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Param groups saved without some of :attr:`group_defaults`' keys (an older torch) get them
+        first, as torch's optimizers' ``__setstate__`` fill them."""
+        for group in state.get("param_groups", []):
+            for key, value in self.group_defaults.items():
+                group.setdefault(key, value)
         super().__setstate__(state)
         if "_layout" not in self.__dict__:  # unpickled, not reloaded: hooks were not pickled
             self._layout = None

@@ -40,6 +40,7 @@ class FusedLion(FusedOptimizer):
     kernel = "lion"
     state_names = ("exp_avg",)
     plugin = "fused_lion.plugin"
+    group_defaults = GROUP_DEFAULTS  # param groups saved without maximize or foreach (the paper's Lion)
 
     def __init__(
         self,
@@ -53,13 +54,6 @@ class FusedLion(FusedOptimizer):
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Param groups saved without ``maximize`` or ``foreach`` (the paper's Lion) get the defaults."""
-        for group in state.get("param_groups", []):
-            for key, value in GROUP_DEFAULTS.items():
-                group.setdefault(key, value)
-        super().__setstate__(state)
 
     def converted_scalars(self, group: dict[str, Any]) -> dict[str, float]:
         """What the reference's step converts to the parameters' dtype: ``add_(alpha=-lr)``."""

@@ -24,20 +24,7 @@ ADADELTA_GROUP_DEFAULTS = dict(foreach=None, maximize=False, differentiable=Fals
 """What torch.optim.Adadelta's ``__setstate__`` fills into param groups saved by an older torch."""
 
 
-class _WithGroupDefaults(FusedOptimizer):
-    """A FusedOptimizer that fills ``group_defaults`` into the param groups of a loaded state."""
-
-    group_defaults: dict[str, Any] = {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """As torch: param groups saved by an older version get the keys they lack."""
-        for group in state.get("param_groups", []):
-            for key, value in self.group_defaults.items():
-                group.setdefault(key, value)
-        super().__setstate__(state)
-
-
-class FusedRMSprop(_WithGroupDefaults):
+class FusedRMSprop(FusedOptimizer):
     r"""RMSprop (Hinton's lecture 6e; centered: Graves 2013) over flat buffers.
 
     Step for step the same as ``torch.optim.RMSprop(foreach=False)``, for every parameter with a gradient::
@@ -112,7 +99,7 @@ class FusedRMSprop(_WithGroupDefaults):
         return scalars
 
 
-class FusedRMSpropTF(_WithGroupDefaults):
+class FusedRMSpropTF(FusedOptimizer):
     r"""RMSprop as TensorFlow computes it, as torch_npu's ``NpuFusedRMSpropTF`` defines it, over flat buffers::
 
         g = -∇θ f(θ) if maximize else ∇θ f(θ)
@@ -183,7 +170,7 @@ class FusedRMSpropTF(_WithGroupDefaults):
         return scalars
 
 
-class FusedAdadelta(_WithGroupDefaults):
+class FusedAdadelta(FusedOptimizer):
     r"""Adadelta (Zeiler, 2012) over flat buffers.
 
     Step for step the same as ``torch.optim.Adadelta(foreach=False)``, for every parameter with a gradient::

@@ -50,6 +50,8 @@ class FusedSGD(FusedOptimizer):
     kernel = "sgd"
     state_names = ("momentum_buffer",)
     plugin = "fused_sgd.plugin"
+    # What torch.optim.SGD's __setstate__ fills into param groups saved by an older torch.
+    group_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False)
 
     def __init__(
         self,
@@ -77,16 +79,6 @@ class FusedSGD(FusedOptimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """As torch.optim.SGD: param groups saved by an older torch get the keys they lack."""
-        for group in state.get("param_groups", []):
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
-        super().__setstate__(state)
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         """As torch.optim.SGD: momentum buffers exist only once a step ran with momentum != 0."""
