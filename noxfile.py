@@ -211,10 +211,11 @@ def lion(session: nox.Session) -> None:
 
 @nox.session(**WITH_SHARED_TORCH)
 def distributed(session: nox.Session) -> None:
-    """FusedSGD under torch.distributed with real processes (gloo on the CPU, 2 and 4 ranks, loopback only):
-    DDP, ZeroRedundancyOptimizer, fused_core.distributed.all_reduce_grads, torch.distributed.checkpoint, FSDP2."""
+    """Fused optimizers under torch.distributed with real processes (gloo on the CPU, 2 and 4 ranks, loopback
+    only): DDP, ZeroRedundancyOptimizer, fused_core.distributed.all_reduce_grads, torch.distributed.checkpoint,
+    and FSDP2 (fully_shard, HSDP, tensor-parallel DTensors) with every element-wise plugin."""
     # numpy: torch's object collectives, hence torch.distributed.checkpoint, need it.
-    install(session, SGD, TESTING, NUMPY)
+    install(session, SGD, ADAM, RMSPROP, LAMB, LION, TESTING, NUMPY)
     session.run("pytest", "-q", "packages/fused-sgd/tests_distributed", *session.posargs)
 
 

@@ -426,3 +426,26 @@ def test_a_flavour_the_compared_class_lacks_is_reported_unavailable() -> None:
     contest = Contest(TINY_SETS["tiny"](), torch.float32, torch.device("cpu"), seed=0, max_norm=1.0, spec=spec)
     assert set(contest.competitors) == {"fused_sgd", "torch_forloop", "torch_foreach"}
     assert contest.unavailable == {"torch_fused": "torch.optim.SGD has no fused implementation"}
+
+
+def test_fsdp_needs_distributed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--fsdp"]) == 2
+    assert "--fsdp needs --distributed N" in capsys.readouterr().err
+
+
+def test_fsdp_names_its_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--distributed", "2", "--fsdp", "resnet50"]) == 2
+    assert "no FSDP2 model 'resnet50'; choose from 1000-small, large" in capsys.readouterr().err
+
+
+def test_fsdp_times_fused_sgd_against_torch_over_dtensors(tmp_path: Path) -> None:
+    out = tmp_path / "fsdp.json"
+    argv = ["bench", "--distributed", "2", "--fsdp", "1000-small", "--rounds", "1", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "fsdp" and result["settings"]["ranks"] == 2
+    measured = result["results"]["1000-small"]
+    assert measured["local_elements"] > 0 and measured["floor_ms"] > 0
+    steps = measured["step_ms"]
+    assert steps["fused"] > 0 and steps["torch"] > 0 and steps["torch foreach"] > 0
+    assert steps["torch fused"] is None or steps["torch fused"] > 0  # None: torch has no DTensor rule (2.13)

@@ -44,6 +44,7 @@ class FusedBertAdam(FusedOptimizer):
     name = "bert_adam"
     hyperparameters = BertAdamHyperparams
     kernel = "bert_adam"
+    elementwise = False  # per-parameter gradient clipping: over whole parameters
     scalar_state_names = ("step",)
     state_names = ("exp_avg", "exp_avg_sq")
     plugin = "fused_adam.plugin"

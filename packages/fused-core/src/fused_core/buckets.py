@@ -8,7 +8,7 @@ gaps hold zeros, which every update keeps at zero.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,8 +76,11 @@ def param_name(group: dict, index: int) -> str | None:
     return names[index] if names is not None and index < len(names) else None
 
 
-def plan_buckets(param_groups: Sequence[dict]) -> list[BucketPlan]:
-    """Assign every parameter of ``param_groups`` a slot in a (device, dtype) bucket."""
+def plan_buckets(param_groups: Sequence[dict], reserves: Mapping[int, int] | None = None) -> list[BucketPlan]:
+    """Assign every parameter of ``param_groups`` a slot in a (device, dtype) bucket. ``reserves``:
+    elements to keep free from a slot's start, by ``id`` of the parameter, where that is more than
+    the parameter needs (FSDP2's padding after a local shard); the surplus is a gap."""
+    reserves = reserves or {}
     buckets: dict[tuple[torch.device, torch.dtype], BucketPlan] = {}
     for group_index, group in enumerate(param_groups):
         for index, param in enumerate(group["params"]):
@@ -100,5 +103,5 @@ def plan_buckets(param_groups: Sequence[dict]) -> list[BucketPlan]:
                     len(bucket.slots),
                 )
             )
-            bucket.numel = offset + numel
+            bucket.numel = offset + max(numel, reserves.get(id(param), 0))
     return list(buckets.values())

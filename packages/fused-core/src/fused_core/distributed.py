@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .errors import InvalidParameterError
 from .layout import Layout
 
 if TYPE_CHECKING:
     from .optimizer import FusedOptimizer
 
-__all__ = ["all_reduce_grads", "check_not_dtensor", "is_dtensor"]
+__all__ = ["all_reduce_grads", "is_dtensor"]
 
 DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
 """Where torch keeps ``DTensor`` (public since torch 2.5, private before)."""
@@ -60,6 +59,9 @@ def all_reduce_grads(
     without it, a parameter must have a gradient on all ranks or on none.
     """
     layout = optimizer._current_layout()
+    optimizer._refuse_sharded(
+        "all_reduce_grads", "FSDP2 and tensor parallelism reduce their gradients themselves: step without it"
+    )
     layout.bind_grads()
     world_size = dist.get_world_size(group)
     works = []
@@ -98,15 +100,3 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
         if module is not None and isinstance(tensor, getattr(module, "DTensor", ())):
             return True
     return False
-
-
-def check_not_dtensor(param: torch.Tensor, where: str) -> None:
-    """Reject a sharded parameter: a flat buffer holds plain tensors, and re-pointing a
-    DTensor's local shard would disconnect it from the storage FSDP2 gathers from."""
-    if is_dtensor(param):
-        raise InvalidParameterError(
-            f"{where}: is a DTensor (sharded by FSDP2's fully_shard or by tensor parallelism); "
-            "fused optimizers keep plain tensors in flat buffers and cannot manage sharded parameters. "
-            "Use DistributedDataParallel, ZeroRedundancyOptimizer(optimizer_class=...) or "
-            "fused_core.distributed.all_reduce_grads instead (see docs/distributed.md)"
-        )

@@ -41,7 +41,7 @@ Nothing is modified until every parameter and gradient has been checked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +150,11 @@ class Layout:
         registry: KernelRegistry,
         names_for: NamesFor,
         scalar_names: Sequence[str] = (),
+        reserves: Mapping[int, int] | None = None,
     ) -> None:
+        self.reserves = dict(reserves or {})
+        """Elements reserved from the start of some slots (by ``id`` of their parameter), for a
+        holder that moves with the parameter (:func:`~fused_core.buckets.plan_buckets`)."""
         self.state_names = tuple(state_names)
         """Every state buffer the optimizer may keep, laid out like the parameters."""
         self.scalar_names = tuple(scalar_names)
@@ -158,7 +162,7 @@ class Layout:
         self.names_for = names_for
         self.group_names = [self._names(group) for group in param_groups]
         """The state names each param group uses, as of the last check (:meth:`check_names`)."""
-        plans = plan_buckets(param_groups)
+        plans = plan_buckets(param_groups, self.reserves)
         launchers = [registry.resolve(kernel, plan.device, plan.dtype) for plan in plans]
         reader = gradients.library()
         segment_launchers = [
@@ -173,7 +177,7 @@ class Layout:
         self._check_complete(state, all_slots, self.group_names)
         storage.check_not_shared(all_slots)
         storage.check_disjoint(all_slots)
-        storage.check_not_viewed(all_slots)
+        storage.check_not_viewed(all_slots, self.reserves)
         self.buckets = [FlatBucket(plan, self.state_names, self.scalar_names) for plan in plans]
         self._launchers = dict(zip(self.buckets, launchers))
         self._segment_launchers: dict[FlatBucket, SegmentLauncher] = {
@@ -557,7 +561,7 @@ class Layout:
             slots = [slot for bucket in self.buckets for slot in bucket.plan.slots]
             storage.check_not_shared(slots)
             storage.check_disjoint(slots)
-            storage.check_not_viewed(slots)
+            storage.check_not_viewed(slots, self.reserves)
         flat_storages = {bucket.params.untyped_storage().data_ptr() for bucket in self.buckets}
         for _bucket, slot in readopt_params:
             if slot.param.untyped_storage().data_ptr() in flat_storages:  # e.g. .data swapped between

@@ -29,12 +29,13 @@ from torch.optim.optimizer import required
 
 from . import grad_norm
 from .backends import get_backend
-from .distributed import check_not_dtensor
+from .distributed import is_dtensor
 from .errors import HyperparameterOverflowError, InvalidHyperparameterError, InvalidParameterError
 from .groups import GroupsSnapshot, overflowing, watch_params
 from .hyperparams import validate_group
 from .layout import Layout
 from .plugins import registry
+from .sharded import LocalShards, LocalState, check_placements, local_shard
 
 
 def compact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -43,18 +44,19 @@ def compact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) 
     the views of one storage do not cover it (parameters without state, alignment gaps, a partial
     state_dict) they are cloned: a checkpoint never holds more bytes than torch's. Entries that
     are not dicts, and values that are not tensors (torch allows anything there), are left as they are."""
-    views: dict[tuple[torch.device, int], list[tuple[Any, str, torch.Tensor]]] = {}
+    views: dict[tuple[torch.device, int], list[tuple[Any, str, torch.Tensor, torch.Tensor]]] = {}
     for key, values in state_dict["state"].items():
         if not isinstance(values, dict):
             continue
         for name, value in values.items():
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-                storage = value.untyped_storage()
-                views.setdefault((value.device, storage.data_ptr()), []).append((key, name, value))
+                local = local_shard(value) if is_dtensor(value) else value  # DTensor state: its shard's
+                storage = local.untyped_storage()
+                views.setdefault((local.device, storage.data_ptr()), []).append((key, name, value, local))
     for shared in views.values():
-        storage_bytes = shared[0][2].untyped_storage().nbytes()
-        if sum(value.numel() * value.element_size() for _, _, value in shared) < storage_bytes:
-            for key, name, value in shared:
+        storage_bytes = shared[0][3].untyped_storage().nbytes()
+        if sum(local.numel() * local.element_size() for _, _, _, local in shared) < storage_bytes:
+            for key, name, value, _ in shared:
                 state_dict["state"][key] = {**state_dict["state"][key], name: value.clone()}
     return state_dict
 
@@ -66,6 +68,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     state_names: ClassVar[tuple[str, ...]] = ()
     scalar_state_names: ClassVar[tuple[str, ...]] = ()
     plugin: ClassVar[str | None] = None
+    elementwise: ClassVar[bool] = True
+    """Whether the update is element-wise given the step's scalars (SGD, Adam, RMSprop, Lion), so
+    that stepping each rank's local shard of a DTensor parameter is stepping the parameter
+    (:mod:`fused_core.sharded`). False for updates that reduce over a parameter (Lamb's trust
+    ratio): their optimizers refuse DTensor parameters."""
     group_defaults: ClassVar[Mapping[str, Any]] = {}
     """Keys a param group saved by an older version may lack, and what they mean then (torch.optim's
     ``__setstate__`` fills the same: ``maximize=False``, ``foreach=None``, ...): filled in when a
@@ -75,6 +82,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.plugin is not None:
             registry.register_plugin(self.plugin)
         self._layout: Layout | None = None
+        self._shards: LocalShards | None = None
         self._reconcile_needed = False
         self._groups: GroupsSnapshot | None = None
         self._scalars_checked_for: Layout | None = None
@@ -96,6 +104,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if "_layout" not in self.__dict__:  # unpickled, not reloaded: hooks were not pickled
             self._layout = None
+            self._shards = None
             self.register_state_dict_post_hook(compact_state, prepend=True)
         self._reconcile_needed = True
         if "_groups" not in self.__dict__:  # unpickled: checked in full at the next step
@@ -158,9 +167,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 )
             seen[id(param)] = (index, position)
 
-    @staticmethod
-    def _check_param(param: torch.Tensor, where: str) -> None:
-        check_not_dtensor(param, where)
+    def _check_param(self, param: torch.Tensor, where: str) -> None:
+        if is_dtensor(param):
+            if not self.elementwise:
+                raise InvalidParameterError(
+                    f"{where}: is a DTensor (FSDP2's fully_shard or tensor parallelism), and "
+                    f"{type(self).__name__}'s update reduces over each whole parameter, which one rank's "
+                    "local shard is not. Use an element-wise fused optimizer (FusedSGD, FusedAdamW, ...) or "
+                    "torch.optim for sharded parameters (docs/distributed.md)"
+                )
+            check_placements(param, where)
+            param = local_shard(param)
         if not param.is_floating_point():
             raise InvalidParameterError(f"{where}: dtype {param.dtype} is not a real floating-point dtype")
         if param.is_meta:
@@ -184,11 +201,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         layout = self._checked_layout(edited)
         values = self.step_values()
         groups = [{**group, **values} for group in self.param_groups] if values else self.param_groups
-        if not layout.launch(groups, self.state):
+        if not self._launch(layout, groups):
             self._reconcile_needed = True  # a parameter moved: re-adopt it, then step
-            if not self._checked_layout(edited).launch(groups, self.state):
+            if not self._launch(self._checked_layout(edited), groups):
                 raise RuntimeError("fused_core: a parameter moved again while its layout was rebuilt")
         return loss
+
+    def _launch(self, layout: Layout, groups: list[dict[str, Any]]) -> bool:
+        """``layout.launch``; DTensor parameters' local shards hold their gradients' local shards
+        during it (:mod:`fused_core.sharded`)."""
+        shards = self._shards
+        if shards is None:
+            return layout.launch(groups, self.state)
+        shards.lend_grads()
+        try:
+            return layout.launch(groups, LocalState(self.state, shards))
+        finally:
+            shards.take_back_grads()
+
+    def _layout_state(self, shards: LocalShards | None) -> Any:
+        """``self.state`` as a layout over ``shards``' local shards sees it."""
+        return self.state if shards is None else LocalState(self.state, shards)
 
     def step_values(self) -> dict[str, Any]:
         """Values computed once per step, before any launch, that every launcher of this step
@@ -277,25 +310,41 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _current_layout(self) -> Layout:
         self._check_structure()
-        layout = self._layout
+        layout, shards = self._layout, self._shards
         if layout is not None and not self._reconcile_needed and layout.is_current():
             return layout
-        if layout is None or not layout.reconcile(self.state):
-            previous = layout
+        if layout is not None and shards is not None and not shards.unchanged():
+            layout.force_rebuild()  # FSDP2 was given new local shards
+        if layout is None or not layout.reconcile(self._layout_state(shards)):
+            previous, previous_shards = layout, shards
+            shards = LocalShards(self.param_groups, self.state_names) or None
             layout = Layout(
-                self.param_groups,
-                self.state,
+                shards.local_groups(self.param_groups) if shards else self.param_groups,
+                self._layout_state(shards),
                 kernel=self.kernel,
                 state_names=self.state_names,
                 registry=registry.kernels,
                 names_for=self.state_names_for,
                 scalar_names=self.scalar_state_names,
+                reserves=shards.reserves() if shards else None,
             )
             if previous is not None:
-                previous.release(layout, self.state)
-            self._layout = layout
+                previous.release(layout, self._layout_state(previous_shards))
+                if previous_shards is not None:
+                    previous_shards.follow()
+            self._layout, self._shards = layout, shards
+        if shards is not None and shards.follow():
+            layout.snapshot()
         self._reconcile_needed = False
         return layout
+
+    def _refuse_sharded(self, what: str, instead: str) -> None:
+        """Raise where a fused extra would read DTensor parameters' gradients as if unsharded."""
+        if self._shards is not None:
+            raise InvalidParameterError(
+                f"{type(self).__name__}.{what}: this optimizer's parameters include DTensors (FSDP2's "
+                f"fully_shard, tensor parallelism), whose gradients are sharded across ranks. {instead}"
+            )
 
     # ----- fused extras (torch_npu's names) ---------------------------------
     @torch.no_grad()
@@ -314,6 +363,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         they are bound to the flat gradient buffer first (:meth:`~fused_core.layout.Layout.bind_grads`).
         """
         layout = self._current_layout()
+        self._refuse_sharded(
+            "clip_grad_norm_fused_", "Use torch.nn.utils.clip_grad_norm_, which reduces over the ranks"
+        )
         if not layout.buckets:
             return torch.tensor(0.0)
         total, read = self._grad_norm(layout, float(norm_type))
@@ -337,6 +389,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         count as zeros. For plugins whose update needs it (Lamb's global gradient-norm clipping,
         through :meth:`step_values`)."""
         layout = self._current_layout()
+        self._refuse_sharded("grad_norm", "Use torch.nn.utils.get_total_norm, which reduces over the ranks")
         if not layout.buckets:
             return torch.tensor(0.0)
         return self._grad_norm(layout, float(norm_type))[0]
@@ -378,6 +431,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         Binds every gradient there first (see :meth:`~fused_core.layout.Layout.bind_grads`): the
         buffers are the gradients until autograd or the user replaces them."""
         layout = self._current_layout()
+        self._refuse_sharded("get_combined_grads", "Their local shards are each parameter's .grad.to_local()")
         layout.bind_grads()
         return [bucket.grads for bucket in layout.buckets]
 
@@ -398,7 +452,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             layout = self._layout
             edited = self._groups is None or not self._groups.same_structure(self.param_groups)
-            if layout is None or edited or self._reconcile_needed or not layout.is_current():
+            sharded = self._shards is not None  # torch's zero_grad over the DTensor gradients
+            if layout is None or edited or sharded or self._reconcile_needed or not layout.is_current():
                 self._zero_grad_as_torch(set_to_none)
             elif set_to_none:
                 layout.clear_grads()

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -81,7 +81,12 @@ def _is_flat(cdata: int) -> bool:
     return ref is not None and not ref.expired()
 
 
-def check_not_viewed(slots: Iterable[Slot]) -> None:
+def is_flat(untyped: torch.UntypedStorage) -> bool:
+    """Whether ``untyped`` is the storage of a fused-core flat buffer."""
+    return _is_flat(untyped._cdata)
+
+
+def check_not_viewed(slots: Iterable[Slot], moved_along: Collection[int] = ()) -> None:
     """Refuse a parameter whose storage something besides the optimizer's own parameters also
     references, where that is a view into a larger storage (ZeRO's bucket view, FSDP1's flat
     parameter, the tensor the parameters were cut from) or a Python tensor of another shape over
@@ -94,8 +99,11 @@ def check_not_viewed(slots: Iterable[Slot]) -> None:
     is the everyday way of setting weights; it keeps the old values once the parameter moves
     (docs/migration.md says so). And autograd's saved views (a graph kept with ``retain_graph=True``
     saves ``weight.t()``) have no Python object: only Python tensors are looked at, through the
-    garbage collector, once per layout build and only when such references exist."""
-    slots = list(slots)
+    garbage collector, once per layout build and only when such references exist.
+
+    ``moved_along``: parameters (by ``id``) whose other holder the layout re-points with them
+    (FSDP2's padded shard, :mod:`fused_core.sharded`); they are not checked."""
+    slots = [slot for slot in slots if id(slot.param) not in moved_along]
     storages = {id(slot): slot.param.untyped_storage() for slot in slots if slot.param.numel()}
     holders = Counter(storage._cdata for storage in storages.values())
     covering: dict[int, Slot] = {}

@@ -53,6 +53,7 @@ class FusedLamb(FillsMissingGroupKeys):
     name = "lamb"
     hyperparameters = LambHyperparams
     kernel = "lamb"
+    elementwise = False  # trust ratio and global gradient norm: over whole parameters
     scalar_state_names = ("step",)
     state_names = ("exp_avg", "exp_avg_sq")
     plugin = "fused_lamb.plugin"
@@ -123,6 +124,7 @@ class FusedAdamP(FillsMissingGroupKeys):
     name = "adamp"
     hyperparameters = AdamPHyperparams
     kernel = "adamp"
+    elementwise = False  # the projection: over whole parameters
     scalar_state_names = ("step",)
     state_names = ("exp_avg", "exp_avg_sq")
     plugin = "fused_lamb.plugin"

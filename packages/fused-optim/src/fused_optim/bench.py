@@ -140,6 +140,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: time a training step's gradient averaging, fused_core.distributed.all_reduce_grads "
         "against DDP, with N >= 2 gloo ranks over loopback on the CPU (fp32; uses --sets, --rounds, --json)",
     )
+    parser.add_argument(
+        "--fsdp",
+        nargs="*",
+        metavar="MODEL",
+        help="with --distributed N: time the optimizer step under FSDP2 (fully_shard) instead, FusedSGD against "
+        "torch.optim.SGD's for-loop, foreach and fused over the DTensors, on the models named (1000-small, "
+        "large; default: both) (fp32; uses --rounds, --json)",
+    )
 
 
 def _hyperparameters(spec: OptimizerSpec) -> str:
@@ -206,6 +214,9 @@ def _machine(device: torch.device, load: list[float] | None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     spec = SPECS[args.optimizer]
+    if args.fsdp is not None and not args.distributed:
+        print("fused-optim bench: --fsdp needs --distributed N", file=sys.stderr)
+        return 2
     if args.distributed:
         return _run_distributed(args)
     try:
@@ -312,6 +323,8 @@ def _run_distributed(args: argparse.Namespace) -> int:
     if args.optimizer != DEFAULT:
         print(f"fused-optim bench: --distributed times FusedSGD, not --optimizer {args.optimizer}", file=sys.stderr)
         return 2
+    if args.fsdp is not None:
+        return _run_fsdp(args)
     from . import bench_distributed
 
     sets = list(dict.fromkeys(args.sets or (list(QUICK_SETS) if args.quick else list(SHAPE_SETS))))
@@ -321,24 +334,57 @@ def _run_distributed(args: argparse.Namespace) -> int:
     shapes = {name: list(SHAPE_SETS[name]()) for name in sets}  # resolved here: spawned ranks see only these
     print(f"fused-optim bench: {args.distributed} ranks, {rounds} rounds, {', '.join(sets)}", file=sys.stderr)
     measured = bench_distributed.run(shapes, args.distributed, rounds, threads=threads)
-    result: dict[str, Any] = {
+    settings = {
+        "sets": sets,
+        "steps_per_round": bench_distributed.STEPS,
+        "quick": args.quick,
+        "hyperparameters": bench_distributed.HYPERPARAMETERS,
+    }
+    result = _gloo_result("distributed", args, load, rounds, settings, measured)
+    result["scenarios"] = list(bench_distributed.SCENARIOS)
+    _report(bench_distributed.table(measured, args.distributed), result, args.json)
+    return 0
+
+
+def _gloo_result(
+    kind: str, args: argparse.Namespace, load: Any, rounds: int, settings: dict[str, Any], measured: Any
+) -> dict[str, Any]:
+    """The JSON record of a run over ``--distributed N`` gloo ranks on the CPU (fp32)."""
+    threads = args.threads or 1
+    return {
         "schema": 1,
-        "kind": "distributed",
+        "kind": kind,
         "machine": {**_machine(torch.device("cpu"), load), "torch_threads": threads, "loadavg_end": _loadavg()},
-        "settings": {
-            "ranks": args.distributed,
-            "sets": sets,
-            "dtype": "fp32",
-            "rounds": rounds,
-            "steps_per_round": bench_distributed.STEPS,
-            "quick": args.quick,
-            "backend": "gloo",
-            "hyperparameters": bench_distributed.HYPERPARAMETERS,
-        },
-        "scenarios": list(bench_distributed.SCENARIOS),
+        "settings": {"ranks": args.distributed, "dtype": "fp32", "rounds": rounds, "backend": "gloo", **settings},
         "results": measured,
     }
-    _report(bench_distributed.table(measured, args.distributed), result, args.json)
+
+
+def _run_fsdp(args: argparse.Namespace) -> int:
+    """``--distributed N --fsdp``: the optimizer step over FSDP2's DTensors (bench_fsdp)."""
+    from . import bench_fsdp
+
+    models = list(dict.fromkeys(args.fsdp)) or list(bench_fsdp.MODELS)
+    unknown = [name for name in models if name not in bench_fsdp.MODELS]
+    if unknown:
+        print(
+            f"fused-optim bench: no FSDP2 model {unknown[0]!r}; choose from {', '.join(bench_fsdp.MODELS)}",
+            file=sys.stderr,
+        )
+        return 2
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    threads = args.threads or 1
+    load = _loadavg()
+    print(f"fused-optim bench: FSDP2, {args.distributed} ranks, {rounds} rounds, {', '.join(models)}", file=sys.stderr)
+    measured = bench_fsdp.run(args.distributed, rounds, tuple(models), threads=threads)
+    settings = {
+        "models": models,
+        "steps_per_round": bench_fsdp.STEPS,
+        "hyperparameters": bench_fsdp.HYPERPARAMETERS,
+    }
+    result = _gloo_result("fsdp", args, load, rounds, settings, measured)
+    result["competitors"] = list(bench_fsdp.COMPETITORS)
+    _report(bench_fsdp.table(measured, args.distributed), result, args.json)
     return 0
 
 

@@ -19,6 +19,7 @@ the step time minus ``local``'s (for all_reduce_grads, its own call is timed too
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -126,9 +127,9 @@ def _rank(
     rank: int,
     world_size: int,
     store: str,
-    sets: dict[str, list[torch.Size]],
+    job: Callable[[Any, int], Any],
+    items: dict[str, Any],
     rounds: int,
-    steps: int,
     threads: int,
     results: Any,
 ) -> None:
@@ -136,8 +137,8 @@ def _rank(
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        for name, shapes in sets.items():
-            measured = measure(shapes, rounds, steps)
+        for name, item in items.items():
+            measured = job(item, rounds)
             if rank == 0:
                 results.put((name, measured))
         # No rank tears its process group down while another still uses it: without this, a
@@ -147,17 +148,17 @@ def _rank(
         dist.destroy_process_group()
 
 
-def run(
-    sets: dict[str, list[torch.Size]], ranks: int, rounds: int, steps: int = STEPS, threads: int = 1
-) -> dict[str, Measured]:
-    """Spawn the ranks; the measurements by shape set. ``sets`` maps names to shapes (resolved here,
-    in the parent, so sets registered at run time reach the spawned ranks too)."""
+def run_ranks(
+    job: Callable[[Any, int], Any], items: dict[str, Any], ranks: int, rounds: int, threads: int = 1
+) -> dict[str, Any]:
+    """Spawn ``ranks`` gloo ranks that each run ``job(item, rounds)`` for every item, in order;
+    rank 0's results by item name. ``job`` must be a module-level function (it is pickled)."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     with tempfile.TemporaryDirectory() as directory:
         mp.start_processes(
             _rank,
-            args=(ranks, os.path.join(directory, "store"), sets, rounds, steps, threads, results),
+            args=(ranks, os.path.join(directory, "store"), job, items, rounds, threads, results),
             nprocs=ranks,
             join=True,
             start_method="spawn",
@@ -167,6 +168,14 @@ def run(
         name, result = results.get()
         measured[name] = result
     return measured
+
+
+def run(
+    sets: dict[str, list[torch.Size]], ranks: int, rounds: int, steps: int = STEPS, threads: int = 1
+) -> dict[str, Measured]:
+    """Spawn the ranks; the measurements by shape set. ``sets`` maps names to shapes (resolved here,
+    in the parent, so sets registered at run time reach the spawned ranks too)."""
+    return run_ranks(functools.partial(measure, steps=steps), sets, ranks, rounds, threads)
 
 
 def table(measured: dict[str, Measured], ranks: int) -> str:
