@@ -20,9 +20,9 @@ global gradient norm :math:`G` (over every parameter of the optimizer, computed 
   (:func:`fused_lamb.layerwise.in_fp32_runs`), rounded once. The elementwise ops are those of
   :class:`fused_lamb.reference.Lamb` in its order.
 * :func:`lamb_c_flat` and :func:`lamb_c_segments` (CPU, fp32/fp64/bf16/fp16): ``csrc/lamb.c``, two
-  passes over memory (both norms of every parameter, then the moments and the step), gradients read
-  where they lie; to a few ulps of the composite (its own sqrt and order of additions), checked
-  when the library loads (:func:`c_kernel_matches_composite`).
+  passes over memory (the moments and both norms of every parameter, then the step), gradients read
+  where they lie; to a few ulps of the composite (its own sqrt, reciprocals and order of additions),
+  checked when the library loads (:func:`c_kernel_matches_composite`).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ PROBE_NUMELS = (3, 0, 40_000, 1, 70_001, 64, 64)
 """The slots of the load-time multi-slot probe: small, empty, larger than the kernel's pieces."""
 PROBE_ULPS = 8.0
 """Tolerance of the probes, in units in the last place of the dtype relative to the largest value:
-the kernel's sqrt and order of additions are its own (see ``csrc/lamb.c``)."""
+the kernel's sqrt, reciprocals and order of additions are its own (see ``csrc/lamb.c``)."""
 
 
 def c_kernel_matches_composite(library: NativeLibrary) -> bool:
