@@ -136,6 +136,7 @@ class TestFusedLambClippedConformance(ClosureWithinTolerance, OptimizerConforman
     configs = CLIPPED_CONFIGS
     rtol = 1e-5
     second_group = {"lr": 1e-3, "max_grad_norm": None}
+    bad_hyperparameters = LAMB_BAD
     expected_failures = {**dtype_change(CLIPPED_CONFIGS), "test_low_precision[apex_defaults-float16]": UNDERFLOW}
     locals().update(SHARED)
 
@@ -163,6 +164,7 @@ class TestNpuFusedLambGlobalNormConformance(ClosureWithinTolerance, OptimizerCon
     configs = {"global_norm_wd": dict(lr=1e-2, weight_decay=1e-2, use_global_grad_norm=True)}
     rtol = 1e-5
     zero_grad_set_to_none_default = False
+    bad_hyperparameters = [*BAD, (dict(max_grad_norm=1.0), TypeError)]
     expected_failures = {**dtype_change(configs), "test_low_precision[global_norm_wd-float16]": UNDERFLOW}
     locals().update(SHARED)
 

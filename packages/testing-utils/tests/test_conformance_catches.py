@@ -274,3 +274,9 @@ def test_misconfigured_suites_are_rejected() -> None:
     with pytest.raises(TypeError, match=r"names no test: test_parity\[plain-float32\]$"):
         Typo.validate()
     assert "test_parity[lr=0.1-float32]" in Typo.conformance_ids()
+
+    class NoBadCases(NoReference):
+        reference_cls = torch.optim.SGD
+
+    with pytest.raises(TypeError, match="NoBadCases.bad_hyperparameters is empty"):
+        NoBadCases.validate()

@@ -83,7 +83,8 @@ same kinds with a 64x32 layer, in ``dtype`` (default fp32)):
   ``test_zero_grad_default[config]``: ``zero_grad()`` with no argument behaves as
   ``zero_grad_set_to_none_default`` says (torch: True).
 * ``test_bad_hyperparameters[case]``: each ``bad_hyperparameters`` dict, merged into the first
-  config, makes the constructor raise one of the given exception types (no cases: skipped).
+  config, makes the constructor raise one of the given exception types (at least one case is
+  required: collection raises TypeError for a class without, rather than skip the test).
 * ``test_copy[config-pickle|deepcopy]``: an optimizer with state, pickled or deep-copied, equals
   the original, and both go on stepping as the reference (independently).
 * ``test_closure``: ``step(closure)`` returns the closure's loss and steps as the reference;
@@ -509,6 +510,11 @@ class OptimizerConformance:
         unknown = sorted(key for key in cls.expected_failures if key not in known)
         if unknown:
             raise TypeError(f"{cls.__name__}.expected_failures names no test: {', '.join(unknown)}")
+        if not cls.bad_hyperparameters:  # else test_bad_hyperparameters would be skipped, counted as passing
+            raise TypeError(
+                f"{cls.__name__}.bad_hyperparameters is empty: give at least one (overrides, exception) case "
+                "its constructor must reject"
+            )
 
     @classmethod
     def conformance_ids(cls) -> list[str]:
