@@ -289,25 +289,3 @@ def test_the_process_exits_with_work_pending(leave: str, code: int) -> None:
     )
     assert done.returncode == code, done.stderr[-2000:]
     assert done.stdout.startswith("handed 60000"), done.stdout + done.stderr[-2000:]
-
-
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-def test_fused_sgd_in_the_default_loop_matches_torch_and_defers(threads: int) -> None:
-    fused_sgd = pytest.importorskip("fused_sgd")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(40)))
-    twin = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(40)))
-    twin.load_state_dict(model.state_dict())
-    ours = fused_sgd.FusedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
-    theirs = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2, foreach=False)
-    handed_before = gradients.release_pending()[2]
-    for step in range(6):
-        batch = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
-        for net, optimizer in ((model, ours), (twin, theirs)):
-            optimizer.zero_grad()
-            assert all(p.grad is None for p in net.parameters())
-            net(batch).square().mean().backward()
-            optimizer.step()
-        for p, q in zip(model.parameters(), twin.parameters()):
-            assert torch.equal(p, q), f"step {step}"
-    assert gradients.release_pending()[2] - handed_before >= 4 * len(list(model.parameters()))

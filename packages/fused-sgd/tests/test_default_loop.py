@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from fused_core import gradients, native
 from fused_sgd import FusedSGD, NpuFusedSGD
 from fused_testing.reference import relative_error
 
@@ -203,3 +204,37 @@ def test_clipping_in_the_default_loop_scales_the_gradients_where_they_lie(dtype:
             with torch.no_grad():  # once), so the next step's gradients are compared from equal weights
                 for p, q in zip(model.parameters(), twin.parameters()):
                     q.copy_(p)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_default_loop_matches_torch_and_hands_gradients_to_the_background(threads: int) -> None:
+    """torch's default loop on the CPU: every zero_grad() hands autograd's gradients to fused-core's
+    background thread (the deferred release), and the steps stay bit for bit torch's."""
+    if gradients.library() is None:
+        pytest.fail(f"no gradient reader: {native.unavailable_reason(gradients.SOURCE, flag_sets=gradients.FLAG_SETS)}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _default_loop_defers()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _default_loop_defers() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(40)))
+    twin = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(40)))
+    twin.load_state_dict(model.state_dict())
+    ours = FusedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    theirs = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2, foreach=False)
+    handed_before = gradients.release_pending()[2]
+    for step in range(6):
+        batch = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        for net, optimizer in ((model, ours), (twin, theirs)):
+            optimizer.zero_grad()
+            assert all(p.grad is None for p in net.parameters())
+            net(batch).square().mean().backward()
+            optimizer.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q), f"step {step}"
+    assert gradients.release_pending()[2] - handed_before >= 4 * len(list(model.parameters()))
