@@ -42,21 +42,25 @@ def compact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) 
     """state_dict post-hook (run before the user's): per-parameter state tensors are views of flat
     buffers, as live as torch's own tensors. ``torch.save`` writes a view's whole storage, so where
     the views of one storage do not cover it (parameters without state, alignment gaps, a partial
-    state_dict) they are cloned: a checkpoint never holds more bytes than torch's. Entries that
-    are not dicts, and values that are not tensors (torch allows anything there), are left as they are."""
-    views: dict[tuple[torch.device, int], list[tuple[Any, str, torch.Tensor, torch.Tensor]]] = {}
+    state_dict) they are cloned: a checkpoint never holds more bytes than torch's. DTensor values
+    (the state of DTensor parameters) are always cloned: torch cannot deep-copy DTensors whose local
+    shards share a storage ("invalid python storage"), and ``copy.deepcopy(optimizer.state_dict())``
+    must work as with torch's optimizers. Entries that are not dicts, and values that are not
+    tensors (torch allows anything there), are left as they are."""
+    views: dict[tuple[torch.device, int], list[tuple[Any, str, torch.Tensor]]] = {}
     for key, values in state_dict["state"].items():
         if not isinstance(values, dict):
             continue
         for name, value in values.items():
-            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-                local = local_shard(value) if is_dtensor(value) else value  # DTensor state: its shard's
-                storage = local.untyped_storage()
-                views.setdefault((local.device, storage.data_ptr()), []).append((key, name, value, local))
+            if is_dtensor(value):
+                state_dict["state"][key] = {**state_dict["state"][key], name: value.clone()}
+            elif isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                storage = value.untyped_storage()
+                views.setdefault((value.device, storage.data_ptr()), []).append((key, name, value))
     for shared in views.values():
-        storage_bytes = shared[0][3].untyped_storage().nbytes()
-        if sum(local.numel() * local.element_size() for _, _, _, local in shared) < storage_bytes:
-            for key, name, value, _ in shared:
+        storage_bytes = shared[0][2].untyped_storage().nbytes()
+        if sum(value.numel() * value.element_size() for _, _, value in shared) < storage_bytes:
+            for key, name, value in shared:
                 state_dict["state"][key] = {**state_dict["state"][key], name: value.clone()}
     return state_dict
 
