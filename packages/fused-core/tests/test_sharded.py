@@ -123,3 +123,18 @@ def test_an_optimizer_that_is_not_element_wise_refuses_dtensors(signum, mesh, ge
     mine, _ = dtensor_params(mesh, generator)
     with pytest.raises(InvalidParameterError, match=r"parameter 0: is a DTensor .* reduces over each whole parameter"):
         Normalized(mine, lr=0.01)
+
+
+def test_an_fsdp2_layout_it_does_not_know_is_refused_naming_the_parameter(signum, mesh, generator) -> None:
+    """A padded shard that does not start where the local shard does (a future FSDP2 could lay them out
+    otherwise) is refused at the first step, naming the parameter, before anything moves."""
+    model = fully_shard(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)), mesh=mesh)
+    optimizer = signum.Signum(model.named_parameters(), lr=0.01)
+    model(torch.randn(2, 6, generator=generator)).sum().backward()  # FSDP2's lazy init: after it
+    first = next(model.parameters())
+    padded = sharded.fsdp_padded_shards([first])[id(first)]
+    padded.set_(padded.clone())  # FSDP2's padded shard elsewhere than its local shard
+    before = [p.to_local().clone() for p in model.parameters()]
+    with pytest.raises(InvalidParameterError, match=r"param group 0, parameter 0 '0.weight' \(a DTensor of shape"):
+        optimizer.step()
+    assert all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))

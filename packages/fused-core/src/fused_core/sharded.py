@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from . import storage
+from .buckets import param_name
 from .distributed import is_dtensor
 from .errors import InvalidParameterError
 
@@ -85,6 +86,12 @@ class LocalShards:
     """The DTensor parameters of some param groups, with their local shards."""
 
     def __init__(self, param_groups: Sequence[dict[str, Any]], state_names: Sequence[str]) -> None:
+        where = {
+            id(param): f"param group {group_index}, parameter {index}" + (f" '{name}'" if name else "")
+            for group_index, group in enumerate(param_groups)
+            for index, param in enumerate(group["params"])
+            for name in [param_name(group, index)]
+        }
         params = [param for group in param_groups for param in group["params"] if is_dtensor(param)]
         self.params = params
         self.locals = [local_shard(param) for param in params]
@@ -97,9 +104,9 @@ class LocalShards:
         for param, local, shard in zip(params, self.locals, self.padded):
             if shard is not None and not (starts(shard, local) and local.is_contiguous()):
                 raise InvalidParameterError(
-                    f"a DTensor parameter of shape {tuple(param.shape)}: its local shard is not the start of "
-                    "FSDP2's padded shard, which this version of fused-core expects (a newer torch?). "
-                    "Use torch.optim for this model and report it"
+                    f"{where[id(param)]} (a DTensor of shape {tuple(param.shape)}): its local shard is not the "
+                    "start of FSDP2's padded shard, which this version of fused-core expects (a newer torch?). "
+                    "Nothing was modified. Use torch.optim for this model and report it"
                 )
 
     def __bool__(self) -> bool:
