@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from fused_core import InvalidParameterError, sharded
+from fused_core import InvalidParameterError, gradients, native, sharded
 
 SHAPES = [(12, 5), (7,), (3, 4, 2)]
 
@@ -138,3 +138,21 @@ def test_an_fsdp2_layout_it_does_not_know_is_refused_naming_the_parameter(signum
     with pytest.raises(InvalidParameterError, match=r"param group 0, parameter 0 '0.weight' \(a DTensor of shape"):
         optimizer.step()
     assert all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_grad_lender_sets_and_takes_back_gradients() -> None:
+    """The C++ lend: each tensor's .grad is the very gradient given (None where none is), and taking
+    them back leaves every .grad None and the gradients as they were."""
+    library = gradients.library()
+    if library is None:
+        pytest.fail(f"no gradient reader: {native.unavailable_reason(gradients.SOURCE, flag_sets=gradients.FLAG_SETS)}")
+    tensors = [torch.zeros(3, 2) for _ in range(5)]
+    grads = [torch.randn(3, 2), None, torch.randn(3, 2), None, torch.randn(3, 2)]
+    copies = [None if g is None else g.clone() for g in grads]
+    lender = gradients.GradLender(library, tensors)
+    for _ in range(2):
+        lender.lend(grads)
+        assert all(t.grad is g for t, g in zip(tensors, grads))
+        lender.take_back()
+        assert all(t.grad is None for t in tensors)
+    assert all(g is None or torch.equal(g, c) for g, c in zip(grads, copies))

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import storage
+from . import gradients, storage
 from .buckets import param_name
 from .distributed import is_dtensor
 from .errors import InvalidParameterError
@@ -96,6 +96,8 @@ class LocalShards:
         self.params = params
         self.locals = [local_shard(param) for param in params]
         self.pairs = list(zip(params, self.locals))
+        library = gradients.library() if params else None
+        self._lender = gradients.GradLender(library, self.locals) if library is not None else None
         self.state_names = frozenset(state_names)
         self.param_of: dict[int, torch.Tensor] = {id(local): param for param, local in zip(params, self.locals)}
         padded = fsdp_padded_shards(params)
@@ -148,12 +150,19 @@ class LocalShards:
         return moved
 
     def lend_grads(self) -> None:
-        """Give each local shard the local shard of its parameter's gradient, for one launch."""
-        for param, local in self.pairs:  # the hot path: no call per parameter
+        """Give each local shard the local shard of its parameter's gradient, for one launch: one C++
+        call where fused-core's gradient reader is built (:class:`fused_core.gradients.GradLender`)."""
+        if self._lender is not None:
+            self._lender.lend([None if (grad := param.grad) is None else grad._local_tensor for param in self.params])
+            return
+        for param, local in self.pairs:  # no call per parameter
             grad = param.grad
             local.grad = None if grad is None else grad._local_tensor
 
     def take_back_grads(self) -> None:
+        if self._lender is not None:
+            self._lender.take_back()
+            return
         for local in self.locals:
             local.grad = None
 

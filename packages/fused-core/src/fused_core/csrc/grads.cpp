@@ -549,6 +549,27 @@ int64_t fused_clear_grads(const int64_t* params, int64_t n, int64_t cap_bytes, i
     }
 }
 
+// tensors[i].grad = the tensor whose TensorImpl is grads[i] (0: undefined, None in Python), one
+// reference taken; no check of shape or dtype (the reader checks them). For fused_core.sharded,
+// which lends each DTensor parameter's local shard its gradient's local shard for one launch and
+// takes it back with fused_clear_grads. Returns -1 if torch threw (tensors before it were set).
+int64_t fused_lend_grads(const int64_t* tensors, const int64_t* grads, int64_t n) {
+    try {
+        for (int64_t i = 0; i < n; i++) {
+            at::Tensor& slot = reinterpret_cast<c10::TensorImpl*>(tensors[i])->mutable_grad();
+            if (grads[i] == 0) {
+                slot.reset();
+            } else {
+                slot = at::Tensor(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(
+                    reinterpret_cast<c10::TensorImpl*>(grads[i])));
+            }
+        }
+    } catch (...) {
+        return -1;
+    }
+    return 0;
+}
+
 // out[0], out[1]: the gradients and bytes waiting for the reaper now; out[2]: how many gradients
 // it was handed in this process.
 void fused_release_pending(int64_t* out) {
