@@ -48,7 +48,11 @@ def dtensor_params(mesh, generator: torch.Generator) -> tuple[list[nn.Parameter]
     return make(), make()
 
 
-def test_dtensor_parameters_step_as_the_reference_steps_them(signum, mesh, generator) -> None:
+@pytest.mark.parametrize("reader", ["native", "python"])
+def test_dtensor_parameters_step_as_the_reference_steps_them(signum, mesh, generator, reader, monkeypatch) -> None:
+    """With fused-core's C++ gradient reader (and lender), and without it (Python reads and lends)."""
+    if reader == "python":
+        monkeypatch.setattr(gradients, "library", lambda: None)
     mine, theirs = dtensor_params(mesh, generator)
     optimizer, reference = signum.Signum(mine, lr=0.01), signum.Reference(theirs, lr=0.01)
     for step in range(4):
