@@ -82,16 +82,20 @@ def fsdp_padded_shards(params: Sequence[torch.Tensor]) -> dict[int, torch.Tensor
     return found
 
 
+def _describe(param_groups: Sequence[dict[str, Any]], param: torch.Tensor) -> str:
+    """How an error names ``param``: its group, index and name (looked up only for the error)."""
+    for group_index, group in enumerate(param_groups):
+        for index, other in enumerate(group["params"]):
+            if other is param:
+                name = param_name(group, index)
+                return f"param group {group_index}, parameter {index}" + (f" '{name}'" if name else "")
+    return "a parameter"
+
+
 class LocalShards:
     """The DTensor parameters of some param groups, with their local shards."""
 
     def __init__(self, param_groups: Sequence[dict[str, Any]], state_names: Sequence[str]) -> None:
-        where = {
-            id(param): f"param group {group_index}, parameter {index}" + (f" '{name}'" if name else "")
-            for group_index, group in enumerate(param_groups)
-            for index, param in enumerate(group["params"])
-            for name in [param_name(group, index)]
-        }
         params = [param for group in param_groups for param in group["params"] if is_dtensor(param)]
         self.params = params
         self.locals = [local_shard(param) for param in params]
@@ -106,8 +110,9 @@ class LocalShards:
         for param, local, shard in zip(params, self.locals, self.padded):
             if shard is not None and not (starts(shard, local) and local.is_contiguous()):
                 raise InvalidParameterError(
-                    f"{where[id(param)]} (a DTensor of shape {tuple(param.shape)}): its local shard is not the "
-                    "start of FSDP2's padded shard, which this version of fused-core expects (a newer torch?). "
+                    f"{_describe(param_groups, param)} (a DTensor of shape {tuple(param.shape)}): its local shard "
+                    "is not the start of FSDP2's padded shard, which this version of fused-core expects (a newer "
+                    "torch?). "
                     "Nothing was modified. Use torch.optim for this model and report it"
                 )
 
