@@ -90,12 +90,7 @@ def call(
         state["exp_avg"].data_ptr(),
         state["exp_avg_sq"].data_ptr(),
         steps.data_ptr(),
-        grads.ptrs.data_ptr(),
-        grads.has_grad.data_ptr(),
-        grads.offsets.data_ptr(),
-        grads.numels.data_ptr(),
-        grads.initialized.data_ptr(),
-        grads.slots,
+        *grads.c_arguments(),  # grad_ptrs, has_grad, offsets, numels, initialized, slots
         as_float(hp["lr"]),
         beta1,
         beta2,
