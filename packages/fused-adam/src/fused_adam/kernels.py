@@ -20,7 +20,8 @@ the C kernel (:mod:`fused_adam.c_kernel`) takes one per slot.
 * :func:`adam_composite`: torch ops on the flat slices, any device and dtype; torch.optim.Adam
   (foreach=False)'s operations in its order, so fp32 and fp64 results are torch's bit for bit
   (a tensor ``lr`` computes in its dtype, as torch's); fp16/bf16 slices are computed in fp32 in
-  cache-sized chunks and rounded once per step.
+  cache-sized chunks, with correctly rounded square roots (:func:`fused_core.kernels.correctly_rounded_sqrt`,
+  as the C kernel and torch's fused op take them), and rounded once per step.
 * :func:`adam_native_fused`: torch's own fused Adam op over a whole run, on CUDA where
   :func:`native_fused_agrees` has checked it against the composite (fp16/bf16: its fp32 math,
   one rounding, as ours).
@@ -32,12 +33,22 @@ the C kernel (:mod:`fused_adam.c_kernel`) takes one per slot.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from fused_core.kernels import GradSegments, Launcher, RunInfo, as_float, as_scalar, in_fp32_chunks, launcher_agrees
+from fused_core.kernels import (
+    LOW_PRECISION,
+    GradSegments,
+    Launcher,
+    RunInfo,
+    as_float,
+    as_scalar,
+    correctly_rounded_sqrt,
+    in_fp32_chunks,
+    launcher_agrees,
+)
 from fused_core.native import NativeLibrary
 
 from . import c_kernel
@@ -54,8 +65,10 @@ def _update(
     vmax: torch.Tensor | None,
     hp: Mapping[str, Any],
     step: float,
+    sqrt: Callable[[torch.Tensor], torch.Tensor] = torch.sqrt,
 ) -> None:
-    """torch.optim.Adam(foreach=False)'s update of one tensor at step ``step``, in place."""
+    """torch.optim.Adam(foreach=False)'s update of one tensor at step ``step``, in place, taking
+    square roots with ``sqrt``."""
     lr, (beta1, beta2), weight_decay = as_scalar(hp["lr"]), hp["betas"], hp["weight_decay"]
     grad = -g if hp["maximize"] else g
     if weight_decay != 0:
@@ -69,7 +82,7 @@ def _update(
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if vmax is not None:
         torch.maximum(vmax, v, out=vmax)
-    denom = ((v if vmax is None else vmax).sqrt() / bias_correction2_sqrt).add_(hp["eps"])
+    denom = (sqrt(v if vmax is None else vmax) / bias_correction2_sqrt).add_(hp["eps"])
     p.addcdiv_(m, denom, value=-step_size)
 
 
@@ -92,10 +105,12 @@ def _count_step(
 def adam_composite(
     params: torch.Tensor, grads: torch.Tensor, state: Mapping[str, torch.Tensor], hp: Mapping[str, Any], run: RunInfo
 ) -> None:
-    """Adam from torch ops over one run (one step count); low precision through fp32 chunks."""
+    """Adam from torch ops over one run (one step count); fp16/bf16 through fp32 chunks, with
+    correctly rounded square roots (the C kernel's, torch's fused op's), rounded once."""
     moments = _count_step(state, hp, run)
     step = float(state["step"][0])
-    in_fp32_chunks(lambda p, g, m, v, vmax: _update(p, g, m, v, vmax, hp, step), params, grads, *moments)
+    sqrt = correctly_rounded_sqrt if params.dtype in LOW_PRECISION else torch.sqrt
+    in_fp32_chunks(lambda p, g, m, v, vmax: _update(p, g, m, v, vmax, hp, step, sqrt), params, grads, *moments)
 
 
 def adam_native_fused(

@@ -239,6 +239,21 @@ def in_fp32_chunks(
                 t[part].copy_(piece)
 
 
+def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``x.sqrt()`` rounded as IEEE 754 rounds a square root (to nearest), as a processor's ``sqrt``
+    instruction and the C kernels' fp16/bf16 paths compute it.
+
+    torch's CPU ``sqrt`` is MKL's where torch is built with MKL (x86-64 wheels), which is not
+    correctly rounded (on one fp32 result in 150 on an AVX-512 Intel CPU, one in 6 on an AVX2 AMD
+    one); there an fp32 tensor takes its root in fp64, whose rounding to fp32 is the correctly
+    rounded fp32 root (fp64 carries more than twice fp32's 24 bits plus two). Made for the fp32
+    arithmetic of fp16/bf16 updates: other dtypes (and other devices, whose ``sqrt`` is IEEE's) take
+    ``x.sqrt()``, which for fp64 on the CPU is MKL's again."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkl.is_available():
+        return x.double().sqrt_().float()
+    return x.sqrt()
+
+
 _SAME_SIZE_INTS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 

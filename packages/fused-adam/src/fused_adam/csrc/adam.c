@@ -40,8 +40,9 @@
  * Slots whose state is not initialised (initialized[i] == 0) start from torch's zero state: their
  * ranges of m, v and mx are zeroed (piece by piece, just before the update reads them back from
  * cache), never read before; they are then marked initialized[i] = 2, and the return value counts
- * them (-1: out of memory). fp16/bf16 use the fp32 arithmetic above and round p, m, v and mx (to
- * nearest even) once per step.
+ * them (-1: out of memory). fp16/bf16 use the fp32 arithmetic above, except that SQRT is the
+ * correctly rounded sqrtf() (the processor's instruction, as torch's fused kernels take it; fp16/bf16
+ * results are not torch's bits anyway), and round p, m, v and mx (to nearest even) once per step.
  *
  * Slot i occupies param[offsets[i] : offsets[i] + numels[i]] (and the same range of each state
  * buffer); its gradient is the dense array at grad_ptrs[i], with the parameter's memory order.
@@ -50,7 +51,8 @@
  *
  * The elements of all slots with a gradient are split into pieces of PIECE elements, run on
  * `threads` OpenMP threads (torch's own libgomp, see fused_core.native), taken dynamically, as in
- * fused-sgd's sgd.c. Memory is crossed once: p, g, m, v (mx) read, p, m, v (mx) written; within a
+ * fused-sgd's sgd.c. Memory is crossed once: p, g, m, v (mx) read, p, m, v (mx) written. fp16/bf16
+ * (DEFINE_DIRECT) run one loop per element. fp32/fp64 (DEFINE_UPDATE), within a
  * block of BLOCK elements, a first loop updates the state and leaves p, m and the sqrt argument in
  * small fp32/fp64 scratch arrays (in L1), the square roots are taken, a second loop updates p; the
  * next blocks' cache lines are prefetched meanwhile. Segments shorter than a block share one: each
@@ -150,11 +152,62 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
     return bits_f64((f64_bits(a) & mask) | (f64_bits(b) & ~mask));
 }
 
-/* One step over n elements, computed in type C (U: its bits; SQRT_BLOCK: its block square root),
- * stored as T. NAME##_state is the first loop of a block: it updates and stores the state and leaves
- * the (decayed) p, m and the sqrt argument in C scratch arrays; its weight decay and amsgrad flags
- * are compile-time constants in each call (ADAM_DISPATCH), so that every combination is its own
- * branch-free loop, which vectorises. */
+/* The state update of element i, computed in type C, in the scope of the loops below: loads p, g,
+ * m, v (mx), stores m, v (mx), and leaves the (decayed) p, the new m and the sqrt argument v in
+ * local variables p, m and v. The weight decay and amsgrad flags are compile-time constants in each
+ * call (ADAM_DISPATCH), so that every combination is its own branch-free loop, which vectorises. */
+#define ADAM_ELEMENT(C, FMA, FLIP, PICK, LOAD, STORE)                                                    \
+    C p = LOAD(param[i]);                                                                                 \
+    C g = FLIP(LOAD(grad[i]), sign);                                                                      \
+    if (wd_mode == WD_DECOUPLED) p = p * decay;                                                           \
+    if (wd_mode == WD_L2) g = FMA(p, wd, g);                                                              \
+    C m = LOAD(exp_avg[i]), v = LOAD(exp_avg_sq[i]);                                                      \
+    m = FMA(coef, g - m, PICK(lerp_base_is_m, m, g));                                                     \
+    v = FMA(c2 * g, g, v * beta2);                                                                        \
+    exp_avg[i] = STORE(m);                                                                                \
+    exp_avg_sq[i] = STORE(v);                                                                             \
+    if (amsgrad) {                                                                                        \
+        C mx = LOAD(max_exp_avg_sq[i]);                                                                   \
+        mx = (mx != mx || v != v) ? (C)NAN : mx > v ? mx : v;                                             \
+        max_exp_avg_sq[i] = STORE(mx);                                                                    \
+        v = mx;                                                                                           \
+    }
+
+/* The scalars of a step in the compute type C (U: its bits), as the loops take them. */
+#define ADAM_CONSTANTS(C, U)                                                                              \
+    const C w = (C)s->lerp_weight;                                                                        \
+    const int small = fabs((double)w) < 0.5; /* ATen's lerp: |weight| < 0.5, weight in C */              \
+    const C k[5] = {small ? w : w - (C)1, (C)s->c2, (C)s->beta2, (C)s->wd, (C)s->decay};                  \
+    const U sign = h->maximize ? (U)1 << (8 * sizeof(U) - 1) : 0, lerp_base_is_m = small ? ~(U)0 : 0;     \
+    const C bc2_sqrt = (C)s->bc2_sqrt, eps = (C)s->eps, neg_step_size = (C)s->neg_step_size;              \
+    const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2
+
+/* One step over n elements in one loop, computed in type C (U: its bits) with the correctly rounded
+ * square root SQRT (the processor's), stored as T: the kernel of fp16 and bf16, whose result is
+ * the fp32 arithmetic rounded once, not torch's bits (see the top comment). */
+#define DEFINE_DIRECT(NAME, T, C, U, FMA, FLIP, PICK, SQRT, LOAD, STORE)                                  \
+    FUSED_INLINE void NAME##_loop(T *restrict param, const T *restrict grad, T *restrict exp_avg,         \
+                                  T *restrict exp_avg_sq, T *restrict max_exp_avg_sq, int64_t n,          \
+                                  const C *restrict k, const U sign, const U lerp_base_is_m,              \
+                                  const C bc2_sqrt, const C eps, const C neg_step_size,                   \
+                                  const int wd_mode, const int amsgrad) {                                 \
+        const C coef = k[0], c2 = k[1], beta2 = k[2], wd = k[3], decay = k[4];                            \
+        for (int64_t i = 0; i < n; i++) {                                                                 \
+            ADAM_ELEMENT(C, FMA, FLIP, PICK, LOAD, STORE)                                                 \
+            param[i] = STORE(p + neg_step_size * m / (SQRT(v) / bc2_sqrt + eps));                         \
+        }                                                                                                 \
+    }                                                                                                     \
+    static void NAME(T *param, const T *grad, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, int64_t n,    \
+                     const struct adam_hyper *h, const struct adam_scalars *s) {                          \
+        ADAM_CONSTANTS(C, U);                                                                             \
+        ADAM_DISPATCH(NAME##_loop, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, k, sign,         \
+                                    lerp_base_is_m, bc2_sqrt, eps, neg_step_size), wd_mode, h->amsgrad);  \
+    }
+
+/* One step over n elements, computed in type C (U: its bits; SQRT_BLOCK: its block square root,
+ * torch's), stored as T, in blocks: NAME##_state is the first loop of a block: it updates and stores
+ * the state and leaves the (decayed) p, m and the sqrt argument in C scratch arrays; the square
+ * roots of the block are taken in one call; a second loop updates p. */
 #define DEFINE_UPDATE(NAME, T, C, U, FMA, FLIP, PICK, SQRT_BLOCK, LOAD, STORE)                            \
     FUSED_INLINE void NAME##_state(const T *restrict param, const T *restrict grad, T *restrict exp_avg,  \
                                    T *restrict exp_avg_sq, T *restrict max_exp_avg_sq, int64_t n,         \
@@ -163,21 +216,7 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
                                    const int wd_mode, const int amsgrad) {                                \
         const C coef = k[0], c2 = k[1], beta2 = k[2], wd = k[3], decay = k[4];                            \
         for (int64_t i = 0; i < n; i++) {                                                                 \
-            C p = LOAD(param[i]);                                                                         \
-            C g = FLIP(LOAD(grad[i]), sign);                                                              \
-            if (wd_mode == WD_DECOUPLED) p = p * decay;                                                   \
-            if (wd_mode == WD_L2) g = FMA(p, wd, g);                                                      \
-            C m = LOAD(exp_avg[i]), v = LOAD(exp_avg_sq[i]);                                              \
-            m = FMA(coef, g - m, PICK(lerp_base_is_m, m, g));                                             \
-            v = FMA(c2 * g, g, v * beta2);                                                                \
-            exp_avg[i] = STORE(m);                                                                        \
-            exp_avg_sq[i] = STORE(v);                                                                     \
-            if (amsgrad) {                                                                                \
-                C mx = LOAD(max_exp_avg_sq[i]);                                                           \
-                mx = (mx != mx || v != v) ? (C)NAN : mx > v ? mx : v;                                     \
-                max_exp_avg_sq[i] = STORE(mx);                                                            \
-                v = mx;                                                                                   \
-            }                                                                                             \
+            ADAM_ELEMENT(C, FMA, FLIP, PICK, LOAD, STORE)                                                 \
             p_out[i] = p;                                                                                 \
             m_out[i] = m;                                                                                 \
             root_arg[i] = v;                                                                              \
@@ -185,12 +224,7 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
     }                                                                                                     \
     static void NAME(T *param, const T *grad, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, int64_t n,    \
                      const struct adam_hyper *h, const struct adam_scalars *s) {                          \
-        const C w = (C)s->lerp_weight;                                                                    \
-        const int small = fabs((double)w) < 0.5; /* ATen's lerp: |weight| < 0.5, weight in C */          \
-        const C k[5] = {small ? w : w - (C)1, (C)s->c2, (C)s->beta2, (C)s->wd, (C)s->decay};              \
-        const U sign = h->maximize ? (U)1 << (8 * sizeof(U) - 1) : 0, lerp_base_is_m = small ? ~(U)0 : 0; \
-        const C bc2_sqrt = (C)s->bc2_sqrt, eps = (C)s->eps, neg_step_size = (C)s->neg_step_size;          \
-        const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2;                 \
+        ADAM_CONSTANTS(C, U);                                                                             \
         C p[BLOCK], m[BLOCK], arg[BLOCK], root[BLOCK];                                                    \
         for (int64_t at = 0; at < n; at += BLOCK) {                                                       \
             int64_t count = n - at < BLOCK ? n - at : BLOCK;                                              \
@@ -245,12 +279,7 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
     }                                                                                                     \
     static void NAME(struct NAME##_ctx *c, T *param, const T *grad, T *exp_avg, T *exp_avg_sq,            \
                      T *max_exp_avg_sq, int64_t n, const struct adam_hyper *h, const struct adam_scalars *s) { \
-        const C w = (C)s->lerp_weight;                                                                    \
-        const int small = fabs((double)w) < 0.5; /* ATen's lerp: |weight| < 0.5, weight in C */          \
-        const C k[5] = {small ? w : w - (C)1, (C)s->c2, (C)s->beta2, (C)s->wd, (C)s->decay};              \
-        const U sign = h->maximize ? (U)1 << (8 * sizeof(U) - 1) : 0, lerp_base_is_m = small ? ~(U)0 : 0; \
-        const C bc2_sqrt = (C)s->bc2_sqrt, eps = (C)s->eps, neg_step_size = (C)s->neg_step_size;          \
-        const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2;                 \
+        ADAM_CONSTANTS(C, U);                                                                             \
         for (int64_t at = 0; at < n;) {                                                                   \
             int64_t room = BLOCK - c->fill, count = n - at < room ? n - at : room;                        \
             prefetch_next_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, at, n, sizeof(T));      \
@@ -278,12 +307,11 @@ FUSED_INLINE double same_f64(double x) { return x; }
 
 DEFINE_UPDATE(update_f32, float, float, uint32_t, fmaf, flip_f32, pick_f32, fused_sqrt_block_f32, same_f32, same_f32)
 DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, fused_sqrt_block_f64, same_f64, same_f64)
-DEFINE_UPDATE(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, fused_sqrt_block_f32, fused_load_bf16,
-              fused_store_bf16)
-
 DEFINE_STAGED(staged_f32, float, float, uint32_t, update_f32_state, fused_sqrt_block_f32, same_f32)
 DEFINE_STAGED(staged_f64, double, double, uint64_t, update_f64_state, fused_sqrt_block_f64, same_f64)
-DEFINE_STAGED(staged_bf16, uint16_t, float, uint32_t, update_bf16_state, fused_sqrt_block_f32, fused_store_bf16)
+
+DEFINE_DIRECT(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, fused_load_bf16, fused_store_bf16)
+DEFINE_DIRECT(update_f32_ieee, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, same_f32, same_f32)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
 static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
@@ -299,7 +327,7 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
         fused_fp16_to_f32(exp_avg + at, m, count);
         fused_fp16_to_f32(exp_avg_sq + at, v, count);
         if (amsgrad) fused_fp16_to_f32(max_exp_avg_sq + at, mx, count);
-        update_f32(p, g, m, v, amsgrad ? mx : 0, count, h, s);
+        update_f32_ieee(p, g, m, v, amsgrad ? mx : 0, count, h, s);
         fused_f32_to_fp16(p, param + at, count);
         fused_f32_to_fp16(m, exp_avg + at, count);
         fused_f32_to_fp16(v, exp_avg_sq + at, count);
@@ -307,15 +335,17 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
     }
 }
 
-/* fp16 converts whole blocks: nothing staged across segments. */
-struct staged_fp16_ctx { int unused; };
-static void staged_fp16_flush(struct staged_fp16_ctx *c) { (void)c; }
-static void staged_fp16(struct staged_fp16_ctx *c, uint16_t *param, const uint16_t *grad, uint16_t *exp_avg,
-                        uint16_t *exp_avg_sq, uint16_t *max_exp_avg_sq, int64_t n, const struct adam_hyper *h,
-                        const struct adam_scalars *s) {
-    (void)c;
-    update_fp16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, h, s);
-}
+/* The one-loop kernels (bf16, fp16) take no square root call: nothing to stage across segments. */
+#define DEFINE_UNSTAGED(NAME, T, UPDATE)                                                                   \
+    struct NAME##_ctx { int unused; };                                                                     \
+    static void NAME##_flush(struct NAME##_ctx *c) { (void)c; }                                            \
+    static void NAME(struct NAME##_ctx *c, T *param, const T *grad, T *exp_avg, T *exp_avg_sq,             \
+                     T *max_exp_avg_sq, int64_t n, const struct adam_hyper *h, const struct adam_scalars *s) { \
+        (void)c;                                                                                           \
+        UPDATE(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, h, s);                                 \
+    }
+DEFINE_UNSTAGED(staged_bf16, uint16_t, update_bf16)
+DEFINE_UNSTAGED(staged_fp16, uint16_t, update_fp16)
 
 FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
 
