@@ -494,7 +494,10 @@ def test_disjoint_row_views_of_one_tensor_train_like_torch(dtype: torch.dtype) -
 def test_interleaved_disjoint_views_of_one_tensor_train_like_torch(
     split: Callable[[Tensor], tuple[Tensor, Tensor]], dtype: torch.dtype
 ) -> None:
-    pair = SideBySide(lambda: TwoHeads(split, dtype), dtype)
+    # Drawn gradients: backward's matrix products round differently over interleaved and over
+    # contiguous weights on some CPUs (ours move into the flat buffer, torch's stay views), which
+    # is not the optimizer's doing.
+    pair = SideBySide(lambda: TwoHeads(split, dtype), dtype, drawn_grads=True)
     check_disjoint_views(pair)
     pair.train(6)
 

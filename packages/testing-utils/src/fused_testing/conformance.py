@@ -717,7 +717,9 @@ class OptimizerConformance:
         context = self._context(case, config)
         eps = torch.finfo(low_precision_dtype).eps
         for row in self._low_precision_errors(case, config, low_precision_dtype, context):
-            if not math.isfinite(row.ref_error_sum):  # the reference itself broke down in this dtype
+            # The reference itself broke down in this dtype: not finite, or no correct digit left (its
+            # error half the largest value); then ours need only stay within that scale, finite.
+            if not math.isfinite(row.ref_error_sum) or row.ref_error > 0.5 * row.scale:
                 # (torch's Adam in fp16: eps=1e-8 rounds to 0, 0/0): be finite and within the values' scale
                 if not (math.isfinite(row.error_sum) and (row.name == "*" or row.error <= row.scale)):
                     _fail(
