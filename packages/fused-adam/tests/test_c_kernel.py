@@ -21,7 +21,7 @@ import torch
 
 from fused_adam import c_kernel
 from fused_core import native
-from fused_core.kernels import GradSegments, same_bits
+from fused_core.kernels import GradSegments, same_bits, torch_sqrt_requested
 
 SIZES = (1, 7, 33, 1000, 70001)
 STEPS = 3
@@ -96,7 +96,9 @@ class Kernel:
             initialized=self.initialized,
         )
         before = self.initialized.clone()
-        started = c_kernel.call(self.library, self.flat, self.state, segments, self.hp, self.steps, self.threads)
+        started = c_kernel.call(
+            self.library, self.flat, self.state, segments, self.hp, self.steps, self.threads, torch_sqrt_requested()
+        )
         newly = (before == 0) & (has_grad != 0)
         assert started == int(newly.sum())
         assert torch.equal(self.initialized[newly], torch.full((int(newly.sum()),), 2, dtype=torch.uint8))
@@ -184,6 +186,31 @@ def test_torch_adam_bit_for_bit(library, dtype: torch.dtype, hp: dict) -> None:
             _assert_same(kernel, name, [optimizer.state.get(leaf, {}).get(name) for leaf in leaves], what)
         torch_steps = [float(optimizer.state.get(leaf, {}).get("step", 0.0)) for leaf in leaves]
         assert kernel.steps.tolist() == torch_steps, what
+
+
+@pytest.mark.parametrize("hp", CASES, ids=_case_id)
+def test_default_fp32_is_torchs_up_to_the_square_roots_rounding(library, default_sqrt, hp: dict) -> None:
+    """The default fp32 kernel (correctly rounded square root) against torch.optim.Adam/AdamW
+    (foreach=False), whose CPU square root is MKL's: parameters and state within 1e-6 of the largest
+    value after every step, step counts equal; and no further from a float64 run than torch."""
+    hp = _with_lr(hp)
+    params, grads = _data(torch.float32)
+    optimizer, leaves = _torch_optimizer(params, hp)
+    oracle, oracle_leaves = _torch_optimizer([p.double() for p in params], hp)
+    kernel = Kernel(library, params, hp, threads=2)
+    for step in range(STEPS):
+        present = [_has_grad(step, i) for i in range(len(SIZES))]
+        for leaf, other, grad, has in zip(leaves, oracle_leaves, grads[step], present):
+            leaf.grad, other.grad = (grad.clone(), grad.double()) if has else (None, None)
+        optimizer.step()
+        oracle.step()
+        kernel.step([grad.clone() if has else None for grad, has in zip(grads[step], present)])
+        for mine, theirs, exact in zip(kernel.pieces("param"), leaves, oracle_leaves):
+            theirs, exact = theirs.detach().double(), exact.detach()
+            assert (mine.double() - theirs).abs().max() <= 1e-6 * theirs.abs().max(), f"step {step + 1}"
+            assert (mine.double() - exact).abs().max() <= (theirs - exact).abs().max() + 1e-7 * exact.abs().max()
+        torch_steps = [float(optimizer.state.get(leaf, {}).get("step", 0.0)) for leaf in leaves]
+        assert kernel.steps.tolist() == torch_steps
 
 
 def _rounded_reference(dtype: torch.dtype, hp: dict) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:

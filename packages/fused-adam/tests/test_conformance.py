@@ -1,8 +1,12 @@
 """fused_testing's conformance suite, run for FusedAdam, FusedAdamW, NpuFusedAdam and NpuFusedAdamW.
 
 The references are ``torch.optim.Adam(foreach=False)`` and ``torch.optim.AdamW(foreach=False)``: bit
-for bit in fp32 and fp64; in fp16 and bf16 no further from a float64 run than torch itself in that
-dtype. What the suite covers is listed in :mod:`fused_testing.conformance`.
+for bit in fp32 (under ``FUSED_OPTIM_TORCH_SQRT``, see conftest.py) and fp64; in fp16 and bf16 no
+further from a float64 run than torch itself in that dtype. The ``...DefaultSqrt`` classes run the
+suite again as users run it, with fp32's correctly rounded square root: fp32 within ``rtol`` 1e-6 of
+torch's for-loop (whose MKL root is 1 ulp off on some values), and no further from a float64 run than
+torch (``test_low_precision`` over fp32 too). What the suite covers is listed in
+:mod:`fused_testing.conformance`.
 """
 
 from __future__ import annotations
@@ -106,3 +110,19 @@ def test_torch_npu_defaults(cls) -> None:
     group = opt.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["amsgrad"]) == (1e-3, (0.9, 0.999), 1e-8, False)
     assert group["weight_decay"] == (1e-2 if cls is NpuFusedAdamW else 0)
+
+
+DEFAULT_SQRT = dict(
+    exact_dtypes=(torch.float64,),
+    rtol=1e-6,
+    low_precision_dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    pytestmark=pytest.mark.usefixtures("default_sqrt"),
+)
+
+
+class TestFusedAdamDefaultSqrt(TestFusedAdamConformance):
+    locals().update(DEFAULT_SQRT)
+
+
+class TestFusedAdamWDefaultSqrt(TestFusedAdamWConformance):
+    locals().update(DEFAULT_SQRT)

@@ -2,15 +2,24 @@
 
 These tests spawn processes that join a gloo process group, so they run in their own
 nox session (``nox -s distributed``), not with fused-sgd's unit tests.
+
+They compare every rank's shards with torch.optim's bit for bit, FusedAdamW's too: the ranks run
+with ``FUSED_OPTIM_TORCH_SQRT`` set (fp32 takes torch's square root, see fused_core.kernels), set
+here before any rank is spawned. What the default square root changes is tested in fused-adam.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from fused_core.kernels import TORCH_SQRT_ENV
+
+os.environ[TORCH_SQRT_ENV] = "1"
 
 # The helper modules next to the tests (rank_pool, dist_training) are imported by name, in
 # this process and in the spawned ranks (which inherit sys.path).

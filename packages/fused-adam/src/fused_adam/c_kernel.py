@@ -1,7 +1,8 @@
 """ctypes glue for ``csrc/adam.c``: Adam/AdamW over the slots of a flat CPU buffer in one pass.
 
 The kernel computes torch 2.13's ``torch.optim.Adam/AdamW(foreach=False)`` step bit for bit in
-fp32 and fp64 (fp16/bf16: the fp32 arithmetic, rounded once per step); the C file's top comment
+fp64, and in fp32 with ``torch_sqrt`` (else with the correctly rounded square root); fp16/bf16: the
+fp32 arithmetic with the correctly rounded square root, rounded once per step; the C file's top comment
 gives the math and where it rounds. This module only builds, loads and calls it:
 
 * ``C_SOURCE``, ``C_SEGMENT_FUNCTIONS`` (dtype -> exported symbol), ``C_SIGNATURE``;
@@ -28,10 +29,10 @@ C_SIGNATURE = (
     ctypes.c_int64,
     # param, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, grad_ptrs, has_grad, offsets, numels, initialized
     [ctypes.c_void_p] * 10
-    # slots; lr, beta1, beta2, eps, weight_decay; decoupled, maximize, lr_single, threads
+    # slots; lr, beta1, beta2, eps, weight_decay; decoupled, maximize, lr_single, torch_sqrt, threads
     + [ctypes.c_int64]
     + [ctypes.c_double] * 5
-    + [ctypes.c_int] * 4,
+    + [ctypes.c_int] * 5,
 )
 C_EXTRA = ("-fno-math-errno", "-lm", "-ldl")
 """After the flags of every build: ``-fno-math-errno`` lets the fallback ``sqrt`` vectorise (same bits
@@ -56,6 +57,7 @@ def call(
     hp: Mapping[str, Any],
     steps: torch.Tensor | None = None,
     threads: int | None = None,
+    torch_sqrt: bool = False,
 ) -> int:
     """One Adam/AdamW step over the slots of ``grads`` on the contiguous CPU slice ``params``.
 
@@ -64,6 +66,8 @@ def call(
     step count after this step's increment, which the caller has made. ``hp``: ``lr`` (a float or a
     one-element float32/float64 tensor; a float32 one's float32 arithmetic is reproduced), ``betas``
     (floats), ``eps``, ``weight_decay``, ``amsgrad``, ``maximize`` and ``decoupled_weight_decay`` (AdamW).
+    fp32 takes torch's square root with ``torch_sqrt`` (bit for bit torch's for-loop), else the
+    correctly rounded one (fp64 always torch's, fp16/bf16 always the correctly rounded one).
     Runs on ``threads`` (default ``torch.get_num_threads()``) OpenMP threads. Returns how many
     slots were initialised (``grads.initialized`` set to 2 there)."""
     if params.dtype not in C_SEGMENT_FUNCTIONS or params.device.type != "cpu":
@@ -94,6 +98,7 @@ def call(
         int(bool(hp.get("decoupled_weight_decay", False))),
         int(bool(hp.get("maximize", False))),
         int(lr_single),
+        int(torch_sqrt),
         torch.get_num_threads() if threads is None else int(threads),
     )
     if started < 0:

@@ -18,7 +18,8 @@ where the step counts of their slots differ, so :func:`adam_composite` sees one 
 the C kernel (:mod:`fused_adam.c_kernel`) takes one per slot.
 
 * :func:`adam_composite`: torch ops on the flat slices, any device and dtype; torch.optim.Adam
-  (foreach=False)'s operations in its order, so fp32 and fp64 results are torch's bit for bit
+  (foreach=False)'s operations in its order, so fp64 results (and fp32 under
+  ``FUSED_OPTIM_TORCH_SQRT``; else the square root is correctly rounded) are torch's bit for bit
   (a tensor ``lr`` computes in its dtype, as torch's); fp16/bf16 slices are computed in fp32 in
   cache-sized chunks, with correctly rounded square roots (:func:`fused_core.kernels.correctly_rounded_sqrt`,
   as the C kernel and torch's fused op take them), and rounded once per step.
@@ -39,15 +40,15 @@ from typing import Any
 import torch
 
 from fused_core.kernels import (
-    LOW_PRECISION,
     GradSegments,
     Launcher,
     RunInfo,
     as_float,
     as_scalar,
-    correctly_rounded_sqrt,
     in_fp32_chunks,
     launcher_agrees,
+    torch_sqrt_requested,
+    update_sqrt,
 )
 from fused_core.native import NativeLibrary
 
@@ -105,11 +106,24 @@ def _count_step(
 def adam_composite(
     params: torch.Tensor, grads: torch.Tensor, state: Mapping[str, torch.Tensor], hp: Mapping[str, Any], run: RunInfo
 ) -> None:
-    """Adam from torch ops over one run (one step count); fp16/bf16 through fp32 chunks, with
-    correctly rounded square roots (the C kernel's, torch's fused op's), rounded once."""
+    """Adam from torch ops over one run (one step count); fp16/bf16 through fp32 chunks, rounded
+    once; square roots as :func:`fused_core.kernels.update_sqrt` takes them (correctly rounded but
+    in fp64, and in fp32 under ``FUSED_OPTIM_TORCH_SQRT``), as the C kernel does."""
+    _composite_step(params, grads, state, hp, run, torch_sqrt=torch_sqrt_requested())
+
+
+def _composite_step(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    hp: Mapping[str, Any],
+    run: RunInfo,
+    *,
+    torch_sqrt: bool,
+) -> None:
     moments = _count_step(state, hp, run)
     step = float(state["step"][0])
-    sqrt = correctly_rounded_sqrt if params.dtype in LOW_PRECISION else torch.sqrt
+    sqrt = update_sqrt(params.dtype, torch_sqrt)
     in_fp32_chunks(lambda p, g, m, v, vmax: _update(p, g, m, v, vmax, hp, step, sqrt), params, grads, *moments)
 
 
@@ -149,14 +163,15 @@ def adam_c_segments(
     params: torch.Tensor, state: Mapping[str, torch.Tensor], grads: GradSegments, hp: Mapping[str, Any]
 ) -> int:
     """Segment launcher: every slot's gradient read where it lies, one C call per param group."""
-    return _c_step(c_library(), params, state, grads, hp)
+    return _c_step(c_library(), params, state, grads, hp, torch_sqrt=torch_sqrt_requested())
 
 
 def adam_c_flat(
     params: torch.Tensor, grads: torch.Tensor, state: Mapping[str, torch.Tensor], hp: Mapping[str, Any], run: RunInfo
 ) -> None:
     """Flat launcher: a run's slices through the C kernel, as one slot."""
-    _c_step(c_library(), params, state, GradSegments.whole(grads, initialized=not run.first_step), hp)
+    whole = GradSegments.whole(grads, initialized=not run.first_step)
+    _c_step(c_library(), params, state, whole, hp, torch_sqrt=torch_sqrt_requested())
 
 
 def _c_step(
@@ -165,6 +180,8 @@ def _c_step(
     state: Mapping[str, torch.Tensor],
     grads: GradSegments,
     hp: Mapping[str, Any],
+    *,
+    torch_sqrt: bool,
 ) -> int:
     """Count this step into every slot with a gradient (from 0 where its state starts), then update."""
     if library is None:
@@ -177,7 +194,7 @@ def _c_step(
         steps = steps[:1]
     else:
         grads.count_steps_(steps)
-    return c_kernel.call(library, params, state, grads, hp, steps=steps.double())
+    return c_kernel.call(library, params, state, grads, hp, steps=steps.double(), torch_sqrt=torch_sqrt)
 
 
 def c_serves(device: torch.device, dtype: torch.dtype) -> bool:
@@ -219,22 +236,30 @@ PROBE_NUMEL = 2 * 32768 + 5
 
 
 def c_kernel_matches_composite(library: NativeLibrary) -> bool:
-    """Whether ``library`` gives :func:`adam_composite`'s bits for every dtype on the CPU (run by
-    ``fused_core.native`` on every load; a build that fails is rejected)."""
+    """Whether ``library`` gives :func:`adam_composite`'s bits for every dtype on the CPU, with either
+    square root (run by ``fused_core.native`` on every load; a build that fails is rejected)."""
 
-    def flat(
-        params: torch.Tensor, grads: torch.Tensor, state: Mapping[str, torch.Tensor], hp: Any, run: RunInfo
-    ) -> None:
-        _c_step(library, params, state, GradSegments.whole(grads, initialized=not run.first_step), hp)
+    def checked(torch_sqrt: bool) -> bool:
+        def flat(
+            params: torch.Tensor, grads: torch.Tensor, state: Mapping[str, torch.Tensor], hp: Any, run: RunInfo
+        ) -> None:
+            whole = GradSegments.whole(grads, initialized=not run.first_step)
+            _c_step(library, params, state, whole, hp, torch_sqrt=torch_sqrt)
 
-    return all(_agrees(flat, torch.device("cpu"), dtype, True) for dtype in c_kernel.C_SEGMENT_FUNCTIONS)
+        reference = functools.partial(_composite_step, torch_sqrt=torch_sqrt)
+        cpu = torch.device("cpu")
+        return all(_agrees(flat, cpu, dtype, True, reference) for dtype in c_kernel.C_SEGMENT_FUNCTIONS)
+
+    return checked(False) and checked(True)
 
 
-def _agrees(candidate: Launcher, device: torch.device, dtype: torch.dtype, exact: bool) -> bool:
-    """:func:`fused_core.kernels.launcher_agrees` with :func:`adam_composite` as the reference, over
+def _agrees(
+    candidate: Launcher, device: torch.device, dtype: torch.dtype, exact: bool, reference: Launcher = adam_composite
+) -> bool:
+    """:func:`fused_core.kernels.launcher_agrees` with ``reference`` (:func:`adam_composite`) over
     Adam's probe cases."""
     return launcher_agrees(
-        candidate, adam_composite, device, dtype, cases=PROBE_CASES, state_names=MOMENTS,
+        candidate, reference, device, dtype, cases=PROBE_CASES, state_names=MOMENTS,
         scalar_state_names=("step",), exact=exact, numel=PROBE_NUMEL,
         state_values=lambda name, x: x if name == "exp_avg" else x.abs(),
     )  # fmt: skip

@@ -47,6 +47,7 @@ happens once per (kernel, device, dtype) while building a layout, never per step
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -252,6 +253,26 @@ def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkl.is_available():
         return x.double().sqrt_().float()
     return x.sqrt()
+
+
+TORCH_SQRT_ENV = "FUSED_OPTIM_TORCH_SQRT"
+"""Set (to anything non-empty), the fp32 updates of the plugins that take :func:`update_sqrt` (FusedAdam,
+FusedAdamW) use torch's CPU square root (MKL's, where torch has it) instead of the correctly rounded
+one: bit for bit torch's for-loop, at MKL's cost (up to half the step on an AVX2 AMD CPU). Read at
+every step. (FusedRMSprop and FusedAdadelta take torch's square root always.)"""
+
+
+def torch_sqrt_requested() -> bool:
+    """Whether :data:`TORCH_SQRT_ENV` is set."""
+    return bool(os.environ.get(TORCH_SQRT_ENV))
+
+
+def update_sqrt(dtype: torch.dtype, torch_sqrt: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The square root an update of ``dtype`` parameters takes (computed in fp32 for fp16/bf16):
+    torch's for fp64, and for fp32 with ``torch_sqrt``; else :func:`correctly_rounded_sqrt`."""
+    if dtype == torch.float64 or (dtype == torch.float32 and torch_sqrt):
+        return torch.sqrt
+    return correctly_rounded_sqrt
 
 
 _SAME_SIZE_INTS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}

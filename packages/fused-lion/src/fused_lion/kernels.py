@@ -106,8 +106,14 @@ def c_kernel_matches_composite(library: NativeLibrary) -> bool:
 
     return all(
         launcher_agrees(
-            flat, lion_composite, torch.device("cpu"), dtype, cases=PROBE_CASES, state_names=("exp_avg",),
-            exact=True, numel=PROBE_NUMEL,
+            flat,
+            lion_composite,
+            torch.device("cpu"),
+            dtype,
+            cases=PROBE_CASES,
+            state_names=("exp_avg",),
+            exact=True,
+            numel=PROBE_NUMEL,
         )  # fmt: skip
         for dtype in c_kernel.C_SEGMENT_FUNCTIONS
     )

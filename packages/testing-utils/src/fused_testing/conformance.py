@@ -717,9 +717,15 @@ class OptimizerConformance:
         context = self._context(case, config)
         eps = torch.finfo(low_precision_dtype).eps
         for row in self._low_precision_errors(case, config, low_precision_dtype, context):
-            # The reference itself broke down in this dtype: not finite, or no correct digit left (its
-            # error half the largest value); then ours need only stay within that scale, finite.
-            if not math.isfinite(row.ref_error_sum) or row.ref_error > 0.5 * row.scale:
+            if math.isfinite(row.ref_error_sum) and row.ref_error > 0.5 * row.scale:
+                # The reference kept no correct digit in this dtype (its error half the largest value):
+                # its error is no bound; ours must stay finite.
+                if not math.isfinite(row.error_sum):
+                    _fail(
+                        f"{row.what} of parameter {row.name!r}, step {row.step} ({low_precision_dtype}): not "
+                        f"finite where the reference's is {context}"
+                    )
+            elif not math.isfinite(row.ref_error_sum):  # the reference itself broke down in this dtype
                 # (torch's Adam in fp16: eps=1e-8 rounds to 0, 0/0): be finite and within the values' scale
                 if not (math.isfinite(row.error_sum) and (row.name == "*" or row.error <= row.scale)):
                     _fail(
@@ -1051,7 +1057,7 @@ class OptimizerConformance:
                     return loss
 
                 losses.append(side.step(closure))
-            if not isinstance(losses[0], Tensor) or not torch.equal(losses[0], losses[1]):
+            if not isinstance(losses[0], Tensor) or _mismatch(losses[0], losses[1], exact=exact, rtol=cls.rtol):
                 _fail(f"step {step + 1}: step(closure) returned {losses[0]!r}, the reference {losses[1]!r} {context}")
             self._assert_match(fused, ref, exact=exact, when=f"step {step + 1} with a closure", context=context)
 

@@ -17,10 +17,13 @@
  *     d  = SQRT(amsgrad ? mx : v) / bc2_sqrt + eps              (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
  *     p  = p + (-step_size * m) / d                             param.addcdiv_(exp_avg, denom, value=-step_size)
  *
- * SQRT is torch's CPU sqrt: where torch is built with MKL (x86-64 Linux and Windows wheels), ATen's
- * vml.h computes it with MKL's vmsSqrt/vmdSqrt(VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is
- * not correctly rounded (one result in 130 to 150 is 1 ulp off sqrt() on an AVX-512 CPU). The kernel
- * calls the very functions, found in the loaded libtorch_cpu (or its dependencies), on blocks of
+ * SQRT is, in fp64 and in fp32 with torch_sqrt = 1, torch's CPU sqrt: where torch is built with MKL
+ * (x86-64 Linux and Windows wheels), ATen's vml.h computes it with MKL's vmsSqrt/vmdSqrt(VML_HA |
+ * VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not correctly rounded (one fp32 result in 130 to 150 is
+ * 1 ulp off sqrt() on an AVX-512 Intel CPU, one in 6 on an AVX2 AMD one, where it also costs as much
+ * as the rest of the update). In fp32 with torch_sqrt = 0 (the default of fused_core.kernels'
+ * FUSED_OPTIM_TORCH_SQRT), fp16 and bf16, SQRT is sqrtf(), correctly rounded, as torch's fused kernels
+ * take it, in one loop per element (DEFINE_DIRECT). For torch's, the kernel calls the very functions, found in the loaded libtorch_cpu (or its dependencies), on blocks of
  * BLOCK values, with MKL sequential on its threads; where they are not there (torch without MKL) it
  * uses sqrt(), which is what ATen's Vectorized<T>::sqrt computes (fused-core's fused_sqrt.h, shared
  * with fused-rmsprop's rmsprop.c). NaN payloads are not reproduced (torch's own differ between its
@@ -351,12 +354,21 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
 
 /* ------------------------------------------------------------------------------------------------
  * The driver: pieces of PIECE elements over the concatenation of the slots that have a gradient. */
+/* The exported functions' parameters (torch_sqrt: 1 for torch's square root in fp32, see the top
+ * comment; fp64 always takes torch's, fp16/bf16 always the correctly rounded one), and the call
+ * that passes them on. */
+#define ADAM_SEGMENT_PARAMS(T)                                                                              \
+    T *param, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, const double *steps, const int64_t *grad_ptrs, \
+        const int8_t *has_grad, const int64_t *offsets, const int64_t *numels, uint8_t *initialized,        \
+        int64_t slots, double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled, \
+        int maximize, int lr_single, int torch_sqrt, int threads
+#define ADAM_SEGMENT_ARGS                                                                                   \
+    param, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, grad_ptrs, has_grad, offsets, numels, initialized,  \
+        slots, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_single, torch_sqrt, threads
+
 #define DEFINE_SEGMENTS(NAME, T, UPDATE, STAGED)                                                                    \
-    int64_t NAME(T *param, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, const double *steps,               \
-                 const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets,                  \
-                 const int64_t *numels, uint8_t *initialized, int64_t slots, double lr, double beta1,       \
-                 double beta2, double eps, double weight_decay, int decoupled, int maximize, int lr_single, \
-                 int threads) {                                                                             \
+    int64_t NAME(ADAM_SEGMENT_PARAMS(T)) {                                                                  \
+        (void)torch_sqrt;                                                                                   \
         struct adam_hyper h = {lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_single,          \
                                max_exp_avg_sq != 0};                                                         \
         fused_sqrt_resolve();                                                                              \
@@ -411,7 +423,12 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
         return fused_mark_started(has_grad, initialized, slots);                                           \
     }
 
-DEFINE_SEGMENTS(adam_segments_f32, float, update_f32, staged_f32)
+DEFINE_UNSTAGED(unstaged_f32_ieee, float, update_f32_ieee)
+DEFINE_SEGMENTS(adam_f32_torch_sqrt, float, update_f32, staged_f32)
+DEFINE_SEGMENTS(adam_f32_ieee_sqrt, float, update_f32_ieee, unstaged_f32_ieee)
+int64_t adam_segments_f32(ADAM_SEGMENT_PARAMS(float)) {
+    return torch_sqrt ? adam_f32_torch_sqrt(ADAM_SEGMENT_ARGS) : adam_f32_ieee_sqrt(ADAM_SEGMENT_ARGS);
+}
 DEFINE_SEGMENTS(adam_segments_f64, double, update_f64, staged_f64)
 DEFINE_SEGMENTS(adam_segments_bf16, uint16_t, update_bf16, staged_bf16)
 DEFINE_SEGMENTS(adam_segments_fp16, uint16_t, update_fp16, staged_fp16)
