@@ -27,13 +27,18 @@ C_SOURCE = Path(__file__).with_name("csrc") / "adam.c"
 C_SEGMENT_FUNCTIONS = dtype_symbols("adam_segments")
 C_SIGNATURE = (
     ctypes.c_int64,
-    # param, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, grad_ptrs, has_grad, offsets, numels, initialized
-    [ctypes.c_void_p] * 10
+    # param, exp_avg, exp_avg_sq, max_exp_avg_sq, steps; steps_double, count_steps;
+    # grad_ptrs, has_grad, offsets, numels, initialized
+    [ctypes.c_void_p] * 5
+    + [ctypes.c_int] * 2
+    + [ctypes.c_void_p] * 5
     # slots; lr, beta1, beta2, eps, weight_decay; decoupled, maximize, lr_single, torch_sqrt, threads
     + [ctypes.c_int64]
     + [ctypes.c_double] * 5
     + [ctypes.c_int] * 5,
 )
+STEP_DTYPES = (torch.float32, torch.float64)
+"""The dtypes of the step table the kernel reads (and counts in): torch's scalar state dtypes."""
 C_EXTRA = ("-fno-math-errno", "-lm", "-ldl")
 """After the flags of every build: ``-fno-math-errno`` lets the fallback ``sqrt`` vectorise (same bits
 either way); ``-ldl`` for ``dlopen``/``dlsym``, which find MKL's square roots in the loaded torch."""
@@ -58,12 +63,15 @@ def call(
     steps: torch.Tensor | None = None,
     threads: int | None = None,
     torch_sqrt: bool = False,
+    count_steps: bool = False,
 ) -> int:
     """One Adam/AdamW step over the slots of ``grads`` on the contiguous CPU slice ``params``.
 
     ``state`` holds ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``hp["amsgrad"]``),
-    slices like ``params``; ``steps`` (float64, one per slot, else ``state["step"]``) is each slot's
-    step count after this step's increment, which the caller has made. ``hp``: ``lr`` (a float or a
+    slices like ``params``; ``steps`` (float32 or float64, one per slot, else ``state["step"]``) is
+    each slot's step count: with ``count_steps`` the kernel counts this step into it (1 where a slot's
+    state starts now, + 1 where it has a gradient), else it holds the count after this step's
+    increment, which the caller has made. ``hp``: ``lr`` (a float or a
     one-element float32/float64 tensor; a float32 one's float32 arithmetic is reproduced), ``betas``
     (floats), ``eps``, ``weight_decay``, ``amsgrad``, ``maximize`` and ``decoupled_weight_decay`` (AdamW).
     fp32 takes torch's square root with ``torch_sqrt`` (bit for bit torch's for-loop), else the
@@ -73,8 +81,8 @@ def call(
     if params.dtype not in C_SEGMENT_FUNCTIONS or params.device.type != "cpu":
         raise RuntimeError(f"the C Adam kernel cannot serve {params.dtype} on {params.device}")
     steps = state["step"] if steps is None else steps
-    if steps.dtype != torch.float64 or steps.numel() != grads.slots or not steps.is_contiguous():
-        raise ValueError("steps must be a contiguous float64 tensor with one value per slot")
+    if steps.dtype not in STEP_DTYPES or steps.numel() != grads.slots or not steps.is_contiguous():
+        raise ValueError("steps must be a contiguous float32 or float64 tensor with one value per slot")
     amsgrad = bool(hp.get("amsgrad", False))
     lr, (beta1, beta2) = hp["lr"], hp["betas"]
     if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
@@ -89,6 +97,8 @@ def call(
         state["exp_avg_sq"].data_ptr(),
         state["max_exp_avg_sq"].data_ptr() if amsgrad else None,
         steps.data_ptr(),
+        int(steps.dtype == torch.float64),
+        int(count_steps),
         *grads.c_arguments(),
         as_float(lr),
         float(beta1),

@@ -183,18 +183,19 @@ def _c_step(
     *,
     torch_sqrt: bool,
 ) -> int:
-    """Count this step into every slot with a gradient (from 0 where its state starts), then update."""
+    """Count this step into every slot with a gradient (from 0 where its state starts), then update;
+    over a slot table the kernel counts (no tensor allocated in the step: right after autograd has
+    handed over thousands of gradients, an allocation can cost milliseconds in glibc's malloc)."""
     if library is None:
         raise RuntimeError("the C Adam kernel is not available")
     steps = state["step"]
-    if steps.numel() != grads.slots:  # a flat launcher's run as one slot: its slots' counts are equal
-        if not int(grads.initialized[0]):
-            steps.zero_()
-        steps.add_(1)
-        steps = steps[:1]
-    else:
-        grads.count_steps_(steps)
-    return c_kernel.call(library, params, state, grads, hp, steps=steps.double(), torch_sqrt=torch_sqrt)
+    if steps.numel() == grads.slots:
+        return c_kernel.call(library, params, state, grads, hp, steps=steps, torch_sqrt=torch_sqrt, count_steps=True)
+    # A flat launcher's run as one slot: its slots' counts are equal.
+    if not int(grads.initialized[0]):
+        steps.zero_()
+    steps.add_(1)
+    return c_kernel.call(library, params, state, grads, hp, steps=steps[:1], torch_sqrt=torch_sqrt)
 
 
 def c_serves(device: torch.device, dtype: torch.dtype) -> bool:

@@ -49,8 +49,9 @@
  *
  * Slot i occupies param[offsets[i] : offsets[i] + numels[i]] (and the same range of each state
  * buffer); its gradient is the dense array at grad_ptrs[i], with the parameter's memory order.
- * Slots with has_grad[i] == 0 are skipped. steps[i] is the slot's step count t (the caller
- * increments it).
+ * Slots with has_grad[i] == 0 are skipped. steps[i] (float32, or float64 with steps_double) is the
+ * slot's step count t; with count_steps the kernel counts this step into it first, as torch does
+ * (t = 1 where the slot's state starts now, t + 1 where it has a gradient), else the caller has.
  *
  * The elements of all slots with a gradient are split into pieces of PIECE elements, run on
  * `threads` OpenMP threads (torch's own libgomp, see fused_core.native), taken dynamically, as in
@@ -358,13 +359,30 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
  * comment; fp64 always takes torch's, fp16/bf16 always the correctly rounded one), and the call
  * that passes them on. */
 #define ADAM_SEGMENT_PARAMS(T)                                                                              \
-    T *param, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, const double *steps, const int64_t *grad_ptrs, \
-        const int8_t *has_grad, const int64_t *offsets, const int64_t *numels, uint8_t *initialized,        \
-        int64_t slots, double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled, \
-        int maximize, int lr_single, int torch_sqrt, int threads
+    T *param, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, void *steps, int steps_double, int count_steps, \
+        const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets, const int64_t *numels,     \
+        uint8_t *initialized, int64_t slots, double lr, double beta1, double beta2, double eps,               \
+        double weight_decay, int decoupled, int maximize, int lr_single, int torch_sqrt, int threads
 #define ADAM_SEGMENT_ARGS                                                                                   \
-    param, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, grad_ptrs, has_grad, offsets, numels, initialized,  \
-        slots, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_single, torch_sqrt, threads
+    param, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, steps_double, count_steps, grad_ptrs, has_grad,     \
+        offsets, numels, initialized, slots, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,      \
+        lr_single, torch_sqrt, threads
+
+/* Slot i's step count, from the float32 or float64 table. */
+FUSED_INLINE double step_at(const void *steps, int steps_double, int64_t i) {
+    return steps_double ? ((const double *)steps)[i] : (double)((const float *)steps)[i];
+}
+
+/* Counts this step into the table in its own dtype, as torch's state["step"] += 1 (from 0 where
+ * the slot's state starts now): slots without a gradient keep their count. */
+static void count_step(void *steps, int steps_double, const int8_t *has_grad, const uint8_t *initialized,
+                       int64_t slots) {
+    for (int64_t i = 0; i < slots; i++) {
+        if (!has_grad[i]) continue;
+        if (steps_double) ((double *)steps)[i] = initialized[i] ? ((double *)steps)[i] + 1.0 : 1.0;
+        else ((float *)steps)[i] = initialized[i] ? ((float *)steps)[i] + 1.0f : 1.0f;
+    }
+}
 
 #define DEFINE_SEGMENTS(NAME, T, UPDATE, STAGED)                                                                    \
     int64_t NAME(ADAM_SEGMENT_PARAMS(T)) {                                                                  \
@@ -372,7 +390,8 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
         struct adam_hyper h = {lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_single,          \
                                max_exp_avg_sq != 0};                                                         \
         fused_sqrt_resolve();                                                                              \
-        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                   \
+        if (count_steps) count_step(steps, steps_double, has_grad, initialized, slots);                    \
+        int64_t *starts = fused_segment_starts_cached(has_grad, numels, slots);                                   \
         if (starts == 0) return -1;                                                                        \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
         _Pragma("omp parallel num_threads(threads) if(pieces > 1 && threads > 1)")                           \
@@ -391,7 +410,8 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
                 int64_t j = i;                                                                             \
                 while (j + 1 < slots && starts[j + 1] < to &&                                              \
                        fused_back_to_back(has_grad, offsets, numels, grad_ptrs, j, (int64_t)sizeof(T)) &&  \
-                       initialized[j + 1] == initialized[i] && steps[j + 1] == steps[i])                   \
+                       initialized[j + 1] == initialized[i] &&                                                 \
+                       step_at(steps, steps_double, j + 1) == step_at(steps, steps_double, i))                   \
                     j++;                                                                                   \
                 if (j + 4 < slots && has_grad[j + 4] && numels[j + 4] > 0 && starts[j + 4] < to &&       \
                     b_small(numels[i])) { /* small slots: ask for a later one's lines, scattered gradients */ \
@@ -409,7 +429,8 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
                     memset(v, 0, (size_t)(b - a) * sizeof(T));                                             \
                     if (mx != 0) memset(mx, 0, (size_t)(b - a) * sizeof(T));                               \
                 }                                                                                          \
-                if (!(steps[i] == scalars_step)) { s = adam_scalars(&h, steps[i]); scalars_step = steps[i]; } \
+                const double t = step_at(steps, steps_double, i);                                          \
+                if (!(t == scalars_step)) { s = adam_scalars(&h, t); scalars_step = t; }                   \
                 if (ctx != 0) STAGED(ctx, param + offsets[i] + a, grad + a, m, v, mx, b - a, &h, &s);      \
                 else UPDATE(param + offsets[i] + a, grad + a, m, v, mx, b - a, &h, &s);                    \
                 i = j;                                                                                     \
@@ -419,7 +440,6 @@ FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
         free(ctx);                                                                                         \
         fused_mkl_threads_restore(mkl_threads);                                                            \
         }                                                                                                  \
-        free(starts);                                                                                      \
         return fused_mark_started(has_grad, initialized, slots);                                           \
     }
 

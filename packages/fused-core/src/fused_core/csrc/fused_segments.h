@@ -24,6 +24,25 @@ static inline int64_t *fused_segment_starts(const int8_t *has_grad, const int64_
     return starts;
 }
 
+/* fused_segment_starts into a buffer of this thread's, kept for its next call (never freed: one
+ * per thread that runs a kernel, of the largest table it has seen), so that a step allocates
+ * nothing: right after autograd has handed over thousands of new gradients, glibc's malloc sorts
+ * the chunks freed meanwhile on the next allocation of this size, milliseconds on 20,000 of them.
+ * The caller does not free it; NULL when out of memory. */
+static inline int64_t *fused_segment_starts_cached(const int8_t *has_grad, const int64_t *numels, int64_t slots) {
+    static _Thread_local int64_t *buffer = 0;
+    static _Thread_local int64_t capacity = 0;
+    if (slots + 1 > capacity) {
+        int64_t *grown = realloc(buffer, (size_t)(slots + 1) * sizeof(int64_t));
+        if (grown == 0) return 0;
+        buffer = grown;
+        capacity = slots + 1;
+    }
+    buffer[0] = 0;
+    for (int64_t i = 0; i < slots; i++) buffer[i + 1] = buffer[i] + (has_grad[i] ? numels[i] : 0);
+    return buffer;
+}
+
 /* The slot holding element `from` of the concatenation: the last i with starts[i] <= from. */
 static inline int64_t fused_slot_at(const int64_t *starts, int64_t slots, int64_t from) {
     int64_t lo = 0, hi = slots;

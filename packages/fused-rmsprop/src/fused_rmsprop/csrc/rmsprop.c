@@ -263,7 +263,7 @@ struct staged {
                                    const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets,  \
                                    const int64_t *numels, uint8_t *initialized, int64_t slots, int threads) { \
         fused_sqrt_resolve();                                                                                  \
-        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                      \
+        int64_t *starts = fused_segment_starts_cached(has_grad, numels, slots);                                      \
         if (starts == 0) return -1;                                                                           \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                                  \
         C k[10];                                                                                              \
@@ -297,7 +297,6 @@ struct staged {
             free(x);                                                                                          \
             fused_mkl_threads_restore(mkl_threads);                                                           \
         }                                                                                                     \
-        free(starts);                                                                                         \
         return fused_mark_started(has_grad, initialized, slots);                                              \
     }                                                                                                         \
     int64_t rmsprop_segments_##NAME(T *param, T *square_avg, T *grad_avg, T *momentum_buffer,                 \
