@@ -163,6 +163,9 @@ class TestNpuFusedLambGlobalNormConformance(ClosureWithinTolerance, OptimizerCon
     reference_cls = NpuLamb
     configs = {"global_norm_wd": dict(lr=1e-2, weight_decay=1e-2, use_global_grad_norm=True)}
     rtol = 1e-5
+    # exp_avg = beta1 m + (1 - beta1) g / norm cancels to ~5e-6 on some elements: the norm's rounding
+    # (~1e-7 relative) then reaches it ~1e-10 apart (seed 1564952800), beyond 1e-5 of it.
+    atol = 1e-9
     zero_grad_set_to_none_default = False
     bad_hyperparameters = [*BAD, (dict(max_grad_norm=1.0), TypeError)]
     expected_failures = {**dtype_change(configs), "test_low_precision[global_norm_wd-float16]": UNDERFLOW}
