@@ -19,15 +19,16 @@
  *
  * SQRT is, in fp64 and in fp32 with torch_sqrt = 1, torch's CPU sqrt: where torch is built with MKL
  * (x86-64 Linux and Windows wheels), ATen's vml.h computes it with MKL's vmsSqrt/vmdSqrt(VML_HA |
- * VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not correctly rounded (one fp32 result in 130 to 150 is
- * 1 ulp off sqrt() on an AVX-512 Intel CPU, one in 6 on an AVX2 AMD one, where it also costs as much
- * as the rest of the update). In fp32 with torch_sqrt = 0 (the default of fused_core.kernels'
- * FUSED_OPTIM_TORCH_SQRT), fp16 and bf16, SQRT is sqrtf(), correctly rounded, as torch's fused kernels
- * take it, in one loop per element (DEFINE_DIRECT). For torch's, the kernel calls the very functions, found in the loaded libtorch_cpu (or its dependencies), on blocks of
- * BLOCK values, with MKL sequential on its threads; where they are not there (torch without MKL) it
- * uses sqrt(), which is what ATen's Vectorized<T>::sqrt computes (fused-core's fused_sqrt.h, shared
- * with fused-rmsprop's rmsprop.c). NaN payloads are not reproduced (torch's own differ between its
- * vectorised loops and their scalar tails).
+ * VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not correctly rounded (one fp32 result in 130 to
+ * 150 is 1 ulp off sqrt() on an AVX-512 Intel CPU, one in 6 on an AVX2 AMD one, where it also costs
+ * as much as the rest of the update). In fp32 with torch_sqrt = 0 (the default of
+ * fused_core.kernels' FUSED_OPTIM_TORCH_SQRT), fp16 and bf16, SQRT is sqrtf(), correctly rounded,
+ * as torch's fused kernels take it, in one loop per element (DEFINE_DIRECT). For torch's, the
+ * kernel calls the very functions, found in the loaded libtorch_cpu (or its dependencies), on
+ * blocks of BLOCK values, with MKL sequential on its threads; where they are not there (torch
+ * without MKL) it uses sqrt(), which is what ATen's Vectorized<T>::sqrt computes (fused-core's
+ * fused_sqrt.h, shared with fused-rmsprop's rmsprop.c). NaN payloads are not reproduced (torch's
+ * own differ between its vectorised loops and their scalar tails).
  *
  * The scalars, for a slot at step t (the count after this step's increment, as torch uses it), are
  * computed in double as Python computes them:
@@ -55,14 +56,15 @@
  *
  * The elements of all slots with a gradient are split into pieces of PIECE elements, run on
  * `threads` OpenMP threads (torch's own libgomp, see fused_core.native), taken dynamically, as in
- * fused-sgd's sgd.c. Memory is crossed once: p, g, m, v (mx) read, p, m, v (mx) written. fp16/bf16
- * (DEFINE_DIRECT) run one loop per element. fp32/fp64 (DEFINE_UPDATE), within a
- * block of BLOCK elements, a first loop updates the state and leaves p, m and the sqrt argument in
- * small fp32/fp64 scratch arrays (in L1), the square roots are taken, a second loop updates p; the
- * next blocks' cache lines are prefetched meanwhile. Segments shorter than a block share one: each
- * thread stages consecutive segments' first loops in its scratch arrays and takes one square root
- * call per full block (DEFINE_STAGED); the scalars are computed once per run of equal steps, and a
- * later small slot's (scattered) lines are prefetched. Built with -ffp-contract=off (no fusing but the
+ * fused-sgd's sgd.c. Memory is crossed once: p, g, m, v (mx) read, p, m, v (mx) written. With the
+ * correctly rounded square root (DEFINE_DIRECT) that is one loop per element. With torch's
+ * (DEFINE_UPDATE: fp64, fp32 with torch_sqrt), within a block of BLOCK elements, a first loop
+ * updates the state and leaves p, m and the sqrt argument in small fp32/fp64 scratch arrays (in
+ * L1), the square roots are taken, a second loop updates p; the next blocks' cache lines are
+ * prefetched meanwhile. Segments shorter than a block share one: each thread stages consecutive
+ * segments' first loops in its scratch arrays and takes one square root call per full block
+ * (DEFINE_STAGED); the scalars are computed once per run of equal steps, and a later small slot's
+ * (scattered) lines are prefetched. Built with -ffp-contract=off (no fusing but the
  * explicit fma calls) and -fno-math-errno (so that the fallback sqrt vectorises; the bits are the
  * same without it); every flag set of fused_core.native gives the same bits.
  */
@@ -187,8 +189,8 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
     const int wd_mode = h->wd == 0.0 ? WD_NONE : h->decoupled ? WD_DECOUPLED : WD_L2
 
 /* One step over n elements in one loop, computed in type C (U: its bits) with the correctly rounded
- * square root SQRT (the processor's), stored as T: the kernel of fp16 and bf16, whose result is
- * the fp32 arithmetic rounded once, not torch's bits (see the top comment). */
+ * square root SQRT (the processor's), stored as T: the kernel of fp32 without torch_sqrt, of bf16,
+ * and of fp16's fp32 blocks (see the top comment). */
 #define DEFINE_DIRECT(NAME, T, C, U, FMA, FLIP, PICK, SQRT, LOAD, STORE)                                  \
     FUSED_INLINE void NAME##_loop(T *restrict param, const T *restrict grad, T *restrict exp_avg,         \
                                   T *restrict exp_avg_sq, T *restrict max_exp_avg_sq, int64_t n,          \
@@ -314,7 +316,8 @@ DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, fus
 DEFINE_STAGED(staged_f32, float, float, uint32_t, update_f32_state, fused_sqrt_block_f32, same_f32)
 DEFINE_STAGED(staged_f64, double, double, uint64_t, update_f64_state, fused_sqrt_block_f64, same_f64)
 
-DEFINE_DIRECT(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, fused_load_bf16, fused_store_bf16)
+DEFINE_DIRECT(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, fused_load_bf16,
+              fused_store_bf16)
 DEFINE_DIRECT(update_f32_ieee, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, same_f32, same_f32)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
@@ -339,7 +342,8 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
     }
 }
 
-/* The one-loop kernels (bf16, fp16) take no square root call: nothing to stage across segments. */
+/* The one-loop kernels (DEFINE_DIRECT's, fp16's) take no square root call: nothing to stage across
+ * segments. */
 #define DEFINE_UNSTAGED(NAME, T, UPDATE)                                                                   \
     struct NAME##_ctx { int unused; };                                                                     \
     static void NAME##_flush(struct NAME##_ctx *c) { (void)c; }                                            \
@@ -348,8 +352,8 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
         (void)c;                                                                                           \
         UPDATE(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, h, s);                                 \
     }
-DEFINE_UNSTAGED(staged_bf16, uint16_t, update_bf16)
-DEFINE_UNSTAGED(staged_fp16, uint16_t, update_fp16)
+DEFINE_UNSTAGED(unstaged_bf16, uint16_t, update_bf16)
+DEFINE_UNSTAGED(unstaged_fp16, uint16_t, update_fp16)
 
 FUSED_INLINE int b_small(int64_t n) { return n < BLOCK; }
 
@@ -391,7 +395,7 @@ static void count_step(void *steps, int steps_double, const int8_t *has_grad, co
                                max_exp_avg_sq != 0};                                                         \
         fused_sqrt_resolve();                                                                              \
         if (count_steps) count_step(steps, steps_double, has_grad, initialized, slots);                    \
-        int64_t *starts = fused_segment_starts_cached(has_grad, numels, slots);                                   \
+        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                   \
         if (starts == 0) return -1;                                                                        \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
         _Pragma("omp parallel num_threads(threads) if(pieces > 1 && threads > 1)")                           \
@@ -410,8 +414,8 @@ static void count_step(void *steps, int steps_double, const int8_t *has_grad, co
                 int64_t j = i;                                                                             \
                 while (j + 1 < slots && starts[j + 1] < to &&                                              \
                        fused_back_to_back(has_grad, offsets, numels, grad_ptrs, j, (int64_t)sizeof(T)) &&  \
-                       initialized[j + 1] == initialized[i] &&                                                 \
-                       step_at(steps, steps_double, j + 1) == step_at(steps, steps_double, i))                   \
+                       initialized[j + 1] == initialized[i] &&                                             \
+                       step_at(steps, steps_double, j + 1) == step_at(steps, steps_double, i))             \
                     j++;                                                                                   \
                 if (j + 4 < slots && has_grad[j + 4] && numels[j + 4] > 0 && starts[j + 4] < to &&       \
                     b_small(numels[i])) { /* small slots: ask for a later one's lines, scattered gradients */ \
@@ -450,5 +454,5 @@ int64_t adam_segments_f32(ADAM_SEGMENT_PARAMS(float)) {
     return torch_sqrt ? adam_f32_torch_sqrt(ADAM_SEGMENT_ARGS) : adam_f32_ieee_sqrt(ADAM_SEGMENT_ARGS);
 }
 DEFINE_SEGMENTS(adam_segments_f64, double, update_f64, staged_f64)
-DEFINE_SEGMENTS(adam_segments_bf16, uint16_t, update_bf16, staged_bf16)
-DEFINE_SEGMENTS(adam_segments_fp16, uint16_t, update_fp16, staged_fp16)
+DEFINE_SEGMENTS(adam_segments_bf16, uint16_t, update_bf16, unstaged_bf16)
+DEFINE_SEGMENTS(adam_segments_fp16, uint16_t, update_fp16, unstaged_fp16)

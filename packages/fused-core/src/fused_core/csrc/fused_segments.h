@@ -15,21 +15,12 @@
 #include <stdlib.h>
 
 /* starts[i]: where slot i begins in the concatenation of the slots with a gradient; starts[slots]:
- * its length. Allocated with malloc (the caller frees it); NULL when out of memory. */
+ * its length. In a buffer of this thread's, reused by its next call (the caller does not free it;
+ * never freed: one per thread that runs a kernel, of the largest table it has seen), so that a
+ * step allocates nothing: right after autograd has handed over thousands of new gradients,
+ * glibc's malloc sorts the chunks freed meanwhile on the next allocation of this size,
+ * milliseconds on 20,000 of them. NULL when out of memory. */
 static inline int64_t *fused_segment_starts(const int8_t *has_grad, const int64_t *numels, int64_t slots) {
-    int64_t *starts = malloc((size_t)(slots + 1) * sizeof(int64_t));
-    if (starts == 0) return 0;
-    starts[0] = 0;
-    for (int64_t i = 0; i < slots; i++) starts[i + 1] = starts[i] + (has_grad[i] ? numels[i] : 0);
-    return starts;
-}
-
-/* fused_segment_starts into a buffer of this thread's, kept for its next call (never freed: one
- * per thread that runs a kernel, of the largest table it has seen), so that a step allocates
- * nothing: right after autograd has handed over thousands of new gradients, glibc's malloc sorts
- * the chunks freed meanwhile on the next allocation of this size, milliseconds on 20,000 of them.
- * The caller does not free it; NULL when out of memory. */
-static inline int64_t *fused_segment_starts_cached(const int8_t *has_grad, const int64_t *numels, int64_t slots) {
     static _Thread_local int64_t *buffer = 0;
     static _Thread_local int64_t capacity = 0;
     if (slots + 1 > capacity) {

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #include "fused_half.h"
+#include "fused_segments.h"
 
 #define PIECE 65536
 #define BLOCK 256
@@ -93,24 +94,13 @@ DEFINE_GRAD_KERNELS(fp16, uint16_t, fp16_block, fused_f32_to_fp16)
 /* The same over segments: segment s is the dense array of numels[s] elements at address
  * ptrs[s], skipped where has[s] == 0 (a parameter without a gradient). The elements of all
  * segments are split into pieces of PIECE elements; each piece's partial result is kept, and
- * the partials are added in piece order, so the result does not depend on the thread count. */
-static int64_t *segment_starts(const int64_t *numels, const int8_t *has, int64_t count) {
-    int64_t *starts = malloc((size_t)(count + 1) * sizeof(int64_t));
-    if (starts == 0) return 0;
-    starts[0] = 0;
-    for (int64_t s = 0; s < count; s++) starts[s + 1] = starts[s] + (has[s] ? numels[s] : 0);
-    return starts;
-}
-
-/* BODY(T *x, int64_t n) for every run of elements of piece k (from..to) of the concatenation. */
+ * the partials are added in piece order, so the result does not depend on the thread count
+ * (fused_segments.h: the pieces' starts in a per-thread buffer, the slot holding a piece's start).
+ * FOR_EACH_PIECE_RUN: BODY(T *x, int64_t n) for every run of elements of piece k (from..to) of the
+ * concatenation. */
 #define FOR_EACH_PIECE_RUN(T, BODY)                                                                      \
     int64_t from = k * PIECE, to = from + PIECE < total ? from + PIECE : total;                          \
-    int64_t lo = 0, hi = count;                                                                          \
-    while (hi - lo > 1) {                                                                                \
-        int64_t mid = (lo + hi) / 2;                                                                     \
-        if (starts[mid] <= from) lo = mid; else hi = mid;                                                \
-    }                                                                                                    \
-    for (int64_t s = lo; s < count && starts[s] < to; s++) {                                             \
+    for (int64_t s = fused_slot_at(starts, count, from); s < count && starts[s] < to; s++) {             \
         if (!has[s] || numels[s] == 0) continue;                                                         \
         int64_t a = from > starts[s] ? from - starts[s] : 0;                                             \
         int64_t b = (to < starts[s + 1] ? to : starts[s + 1]) - starts[s];                               \
@@ -149,7 +139,7 @@ static int64_t *segment_starts(const int64_t *numels, const int8_t *has, int64_t
     }                                                                                                    \
     double grad_sumsq_segments_##SUFFIX(const int64_t *ptrs, const int64_t *numels, const int8_t *has,    \
                                         int64_t count, int threads) {                                    \
-        int64_t *starts = segment_starts(numels, has, count);                                            \
+        int64_t *starts = fused_segment_starts(has, numels, count);                                      \
         if (starts == 0) return -1.0;                                                                    \
         int64_t total = starts[count], pieces = (total + PIECE - 1) / PIECE;                             \
         double *partial = calloc((size_t)(pieces + 1), sizeof(double));                                  \
@@ -160,12 +150,11 @@ static int64_t *segment_starts(const int64_t *numels, const int8_t *has, int64_t
         double sum = 0.0;                                                                                \
         for (int64_t k = 0; k < pieces; k++) sum += partial[k];                                          \
         free(partial);                                                                                   \
-        free(starts);                                                                                    \
         return sum;                                                                                      \
     }                                                                                                    \
     double grad_maxabs_segments_##SUFFIX(const int64_t *ptrs, const int64_t *numels, const int8_t *has,   \
                                          int64_t count, int threads) {                                   \
-        int64_t *starts = segment_starts(numels, has, count);                                            \
+        int64_t *starts = fused_segment_starts(has, numels, count);                                      \
         if (starts == 0) return -1.0;                                                                    \
         int64_t total = starts[count], pieces = (total + PIECE - 1) / PIECE;                             \
         float largest = 0.0f;                                                                            \
@@ -175,19 +164,17 @@ static int64_t *segment_starts(const int64_t *numels, const int8_t *has, int64_t
             FOR_EACH_PIECE_RUN(T, float m = piece_maxabs_##SUFFIX(x, n, &nan_seen);                      \
                                largest = m > largest ? m : largest)                                      \
         }                                                                                                \
-        free(starts);                                                                                    \
         return nan_seen ? (double)fused_bits_to_f32(0x7fc00000u) : (double)largest;                     \
     }                                                                                                    \
     int grad_scale_segments_##SUFFIX(const int64_t *ptrs, const int64_t *numels, const int8_t *has,       \
                                      int64_t count, float c, int threads) {                              \
-        int64_t *starts = segment_starts(numels, has, count);                                            \
+        int64_t *starts = fused_segment_starts(has, numels, count);                                      \
         if (starts == 0) return -1;                                                                      \
         int64_t total = starts[count], pieces = (total + PIECE - 1) / PIECE;                             \
         _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) if(threads > 1 && pieces > 1)") \
         for (int64_t k = 0; k < pieces; k++) {                                                           \
             FOR_EACH_PIECE_RUN(T, piece_scale_##SUFFIX(x, n, c))                                         \
         }                                                                                                \
-        free(starts);                                                                                    \
         return 0;                                                                                        \
     }
 

@@ -260,10 +260,10 @@ DEFINE_RATIO(ratio_f64, double)
         } else {                                                                                          \
             RUN_PIECES(T, RANGE, PASS_STEP, EXACT)                                                        \
         }                                                                                                 \
-        free(starts); free(first); free(part_at); free(ratios); free(scalars); free(parts); free(sums);    \
+        free(first); free(part_at); free(ratios); free(scalars); free(parts); free(sums);                  \
         return fused_mark_started(has_grad, initialized, slots);                                          \
     out_of_memory:                                                                                        \
-        free(starts); free(first); free(part_at); free(ratios); free(scalars); free(parts); free(sums);    \
+        free(first); free(part_at); free(ratios); free(scalars); free(parts); free(sums);                  \
         return -1;                                                                                        \
     }
 

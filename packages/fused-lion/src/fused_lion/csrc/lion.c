@@ -101,7 +101,7 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg
                  double neg_lr, double decay, double beta1, double beta2, int has_decay, int maximize,      \
                  int threads) {                                                                              \
         struct lion_hyper h = {neg_lr, decay, beta1, beta2, has_decay, maximize};                           \
-        int64_t *starts = fused_segment_starts_cached(has_grad, numels, slots);                                    \
+        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                    \
         if (starts == 0) return -1;                                                                         \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                                \
         _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) if(pieces > 1 && threads > 1)") \

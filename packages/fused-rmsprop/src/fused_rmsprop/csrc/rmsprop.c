@@ -263,7 +263,7 @@ struct staged {
                                    const int64_t *grad_ptrs, const int8_t *has_grad, const int64_t *offsets,  \
                                    const int64_t *numels, uint8_t *initialized, int64_t slots, int threads) { \
         fused_sqrt_resolve();                                                                                  \
-        int64_t *starts = fused_segment_starts_cached(has_grad, numels, slots);                                      \
+        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                       \
         if (starts == 0) return -1;                                                                           \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                                  \
         C k[10];                                                                                              \

@@ -99,7 +99,7 @@ static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf, in
                  const int64_t *numels, uint8_t *initialized, int64_t slots, double lr, double wd, double mom, \
                  double damp1, int nesterov, int maximize, int threads) {                                     \
         struct sgd_hyper h = {lr, wd, mom, damp1, nesterov, maximize};                                     \
-        int64_t *starts = fused_segment_starts_cached(has_grad, numels, slots);                                   \
+        int64_t *starts = fused_segment_starts(has_grad, numels, slots);                                   \
         if (starts == 0) return -1;                                                                        \
         int64_t total = starts[slots], pieces = (total + PIECE - 1) / PIECE;                               \
         _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) if(pieces > 1 && threads > 1)")    \
