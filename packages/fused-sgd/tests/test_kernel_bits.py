@@ -203,10 +203,10 @@ def test_the_self_check_rejects_a_build_that_rounds_once_more(tmp_path, monkeypa
     warning, and no library is cached."""
     require_library(c_library(), C_SOURCE)
     text = C_SOURCE.read_text()
-    exact = "param[i] = STORE(FMA(d, -lr, p));"
+    exact = "return (struct NAME##_out){FMA(d, -lr, p), b};"
     assert exact in text
     broken = tmp_path / "sgd.c"
-    broken.write_text(text.replace(exact, "param[i] = STORE(p - d * lr);"))
+    broken.write_text(text.replace(exact, "return (struct NAME##_out){p - d * lr, b};"))
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     with pytest.warns(native.NativeKernelWarning, match="self-check"):
         assert native.load_library(broken, SIGNATURES, extra=("-lm",), check=c_kernel_matches_composite) is None

@@ -36,10 +36,28 @@ FUSED_INLINE uint32_t fused_select(int cond, uint32_t a, uint32_t b) {
 
 FUSED_INLINE float fused_load_bf16(uint16_t x) { return fused_bits_to_f32((uint32_t)x << 16); }
 
-FUSED_INLINE uint16_t fused_store_bf16(float f) {
+/* The fp32 pattern whose top 16 bits are f rounded to bf16 (the low 16 bits are junk). */
+FUSED_INLINE uint32_t fused_bf16_rounded(float f) {
     uint32_t u = fused_f32_to_bits(f);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return f != f ? (uint16_t)0x7fc0 : (uint16_t)rounded; /* NaN; this select vectorises, and faster than fused_select */
+    uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+    return f != f ? 0x7fc00000u : rounded; /* NaN; this select vectorises, and faster than fused_select */
+}
+
+FUSED_INLINE uint16_t fused_store_bf16(float f) { return (uint16_t)(fused_bf16_rounded(f) >> 16); }
+
+/* bf16 pairs: elements 2i and 2i + 1 of a bf16 array read and written as one 32-bit word w
+ * (little-endian: element 2i is its low half). A loop over words converts a pair with one shift
+ * (low: w << 16) and one mask (high: w & 0xffff0000) and stores it with one shift and one or, where
+ * a loop over elements needs zero-extensions, packs and lane permutes (about twice the work of the
+ * arithmetic of an SGD step on AVX2). Elementwise kernels loop over the words of a range, the
+ * update written once per element and called for the low and the high element, then take an odd
+ * last element alone. The bits are fused_load_bf16's and fused_store_bf16's. */
+typedef uint32_t fused_bf16_pair __attribute__((aligned(2), may_alias));
+
+FUSED_INLINE float fused_pair_low(uint32_t w) { return fused_bits_to_f32(w << 16); }
+FUSED_INLINE float fused_pair_high(uint32_t w) { return fused_bits_to_f32(w & 0xffff0000u); }
+FUSED_INLINE uint32_t fused_pair_of(float low, float high) {
+    return (fused_bf16_rounded(low) >> 16) | (fused_bf16_rounded(high) & 0xffff0000u);
 }
 
 FUSED_INLINE float fused_load_fp16(uint16_t h) {

@@ -38,45 +38,96 @@ enum momentum_mode { NO_MOMENTUM, FIRST_STEP, LATER_STEP };
 
 struct sgd_hyper { double lr, wd, mom, damp1; int nesterov, maximize; };
 
-/* One update over n elements, computed in type C, stored as T. */
-#define DEFINE_UPDATE(NAME, T, C, FMA, LOAD, STORE)                                                       \
+/* One element, computed in type C: the parameter p, gradient d and (later steps) buffer b in; the new
+ * parameter and buffer out, unrounded (the caller stores them). */
+#define DEFINE_ELEMENT(NAME, C, FMA)                                                                      \
+    struct NAME##_out { C p, b; };                                                                        \
+    FUSED_INLINE struct NAME##_out NAME(C p, C d, C b, const C lr, const C wd, const C mom, const C damp1, \
+                        const int maximize, const int has_wd, const enum momentum_mode mode,              \
+                        const int nesterov) {                                                             \
+        if (maximize) d = -d;                                                                             \
+        if (has_wd) d = FMA(p, wd, d);                                                                    \
+        if (mode != NO_MOMENTUM) {                                                                        \
+            b = mode == FIRST_STEP ? d : FMA(d, damp1, b * mom);                                          \
+            d = nesterov ? FMA(b, mom, d) : b;                                                            \
+        }                                                                                                 \
+        return (struct NAME##_out){FMA(d, -lr, p), b};                                                    \
+    }
+
+DEFINE_ELEMENT(sgd_element_f32, float, fmaf)
+DEFINE_ELEMENT(sgd_element_f64, double, fma)
+
+#define SGD_FLAGS lr, wd, mom, damp1, maximize, has_wd, mode, nesterov
+#define SGD_FLAG_PARAMS(C)                                                                                \
+    const C lr, const C wd, const C mom, const C damp1, const int maximize, const int has_wd,             \
+        const enum momentum_mode mode, const int nesterov
+
+/* The leading elements a type takes its own way, and how many: none for fp32/fp64; for bf16, the
+ * pairs of fused_half.h (all but an odd last element). */
+#define NO_HEAD(T, C)                                                                                     \
+    FUSED_INLINE int64_t no_head_##T(T *restrict param, const T *restrict grad, T *restrict buf, int64_t n, \
+                                     SGD_FLAG_PARAMS(C)) {                                                \
+        (void)param, (void)grad, (void)buf, (void)n, (void)lr, (void)wd, (void)mom, (void)damp1;          \
+        (void)maximize, (void)has_wd, (void)mode, (void)nesterov;                                         \
+        return 0;                                                                                         \
+    }
+NO_HEAD(float, float)
+NO_HEAD(double, double)
+
+FUSED_INLINE int64_t bf16_pairs(uint16_t *param, const uint16_t *grad, uint16_t *buf, int64_t n,
+                                SGD_FLAG_PARAMS(float)) {
+    fused_bf16_pair *restrict pw = (fused_bf16_pair *)param, *restrict bw = (fused_bf16_pair *)buf;
+    const fused_bf16_pair *restrict gw = (const fused_bf16_pair *)grad;
+    for (int64_t i = 0; i < n / 2; i++) {
+        uint32_t b = mode == LATER_STEP ? bw[i] : 0;
+        struct sgd_element_f32_out low = sgd_element_f32(fused_pair_low(pw[i]), fused_pair_low(gw[i]),
+                                                         fused_pair_low(b), SGD_FLAGS);
+        struct sgd_element_f32_out high = sgd_element_f32(fused_pair_high(pw[i]), fused_pair_high(gw[i]),
+                                                          fused_pair_high(b), SGD_FLAGS);
+        if (mode != NO_MOMENTUM) bw[i] = fused_pair_of(low.b, high.b);
+        pw[i] = fused_pair_of(low.p, high.p);
+    }
+    return n & ~(int64_t)1;
+}
+
+/* One update over n elements, computed in type C (ELEMENT), stored as T: HEAD's elements, then the
+ * rest one by one. */
+#define DEFINE_UPDATE(NAME, T, C, ELEMENT, HEAD, LOAD, STORE)                                             \
     FUSED_INLINE void NAME##_special(T *restrict param, const T *restrict grad, T *restrict buf, int64_t n, \
-                                     C lr, C wd, C mom, C damp1, const int maximize, const int has_wd,   \
-                                     const enum momentum_mode mode, const int nesterov) {                \
-        for (int64_t i = 0; i < n; i++) {                                                                 \
-            C p = LOAD(param[i]);                                                                         \
-            C d = LOAD(grad[i]);                                                                          \
-            if (maximize) d = -d;                                                                         \
-            if (has_wd) d = FMA(p, wd, d);                                                                \
-            if (mode != NO_MOMENTUM) {                                                                    \
-                C b = mode == FIRST_STEP ? d : FMA(d, damp1, LOAD(buf[i]) * mom);                         \
-                buf[i] = STORE(b);                                                                        \
-                d = nesterov ? FMA(b, mom, d) : b;                                                        \
-            }                                                                                             \
-            param[i] = STORE(FMA(d, -lr, p));                                                             \
+                                     SGD_FLAG_PARAMS(C)) {                                                \
+        for (int64_t i = HEAD(param, grad, buf, n, SGD_FLAGS); i < n; i++) {                              \
+            struct ELEMENT##_out out = ELEMENT(LOAD(param[i]), LOAD(grad[i]),                              \
+                                               mode == LATER_STEP ? LOAD(buf[i]) : (C)0, SGD_FLAGS);      \
+            if (mode != NO_MOMENTUM) buf[i] = STORE(out.b);                                               \
+            param[i] = STORE(out.p);                                                                      \
         }                                                                                                 \
     }                                                                                                     \
     static void NAME(T *param, const T *grad, T *buf, int64_t n, struct sgd_hyper h, enum momentum_mode mode) { \
         C lr = (C)h.lr, wd = (C)h.wd, mom = (C)h.mom, damp1 = (C)h.damp1;                                  \
         int has_wd = h.wd != 0.0;                                                                         \
-        /* Each flag combination its own loop (constant arguments), so that each vectorises. */          \
-        for (int maximize = 0; maximize < 2; maximize++)                                                  \
-            for (int wd_on = 0; wd_on < 2; wd_on++) {                                                     \
-                if (maximize != h.maximize || wd_on != has_wd) continue;                                  \
-                if (mode == NO_MOMENTUM) NAME##_special(param, grad, buf, n, lr, wd, mom, damp1, maximize, wd_on, NO_MOMENTUM, 0); \
-                else if (mode == FIRST_STEP && h.nesterov) NAME##_special(param, grad, buf, n, lr, wd, mom, damp1, maximize, wd_on, FIRST_STEP, 1); \
-                else if (mode == FIRST_STEP) NAME##_special(param, grad, buf, n, lr, wd, mom, damp1, maximize, wd_on, FIRST_STEP, 0); \
-                else if (h.nesterov) NAME##_special(param, grad, buf, n, lr, wd, mom, damp1, maximize, wd_on, LATER_STEP, 1); \
-                else NAME##_special(param, grad, buf, n, lr, wd, mom, damp1, maximize, wd_on, LATER_STEP, 0); \
-            }                                                                                             \
+        /* Each flag combination its own loop (literal arguments), so that each vectorises. */          \
+        if (h.maximize && has_wd) SGD_MODES(NAME##_special, 1, 1);                                        \
+        else if (h.maximize) SGD_MODES(NAME##_special, 1, 0);                                             \
+        else if (has_wd) SGD_MODES(NAME##_special, 0, 1);                                                 \
+        else SGD_MODES(NAME##_special, 0, 0);                                                             \
     }
+
+/* F(param, grad, buf, n, lr, wd, mom, damp1, MAXIMIZE, HAS_WD, mode, nesterov) with every flag a literal. */
+#define SGD_MODES(F, MAXIMIZE, HAS_WD)                                                                    \
+    do {                                                                                                  \
+        if (mode == NO_MOMENTUM) F(param, grad, buf, n, lr, wd, mom, damp1, MAXIMIZE, HAS_WD, NO_MOMENTUM, 0); \
+        else if (mode == FIRST_STEP && h.nesterov) F(param, grad, buf, n, lr, wd, mom, damp1, MAXIMIZE, HAS_WD, FIRST_STEP, 1); \
+        else if (mode == FIRST_STEP) F(param, grad, buf, n, lr, wd, mom, damp1, MAXIMIZE, HAS_WD, FIRST_STEP, 0); \
+        else if (h.nesterov) F(param, grad, buf, n, lr, wd, mom, damp1, MAXIMIZE, HAS_WD, LATER_STEP, 1); \
+        else F(param, grad, buf, n, lr, wd, mom, damp1, MAXIMIZE, HAS_WD, LATER_STEP, 0);                 \
+    } while (0)
 
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
 
-DEFINE_UPDATE(update_f32, float, float, fmaf, same_f32, same_f32)
-DEFINE_UPDATE(update_f64, double, double, fma, same_f64, same_f64)
-DEFINE_UPDATE(update_bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16)
+DEFINE_UPDATE(update_f32, float, float, sgd_element_f32, no_head_float, same_f32, same_f32)
+DEFINE_UPDATE(update_f64, double, double, sgd_element_f64, no_head_double, same_f64, same_f64)
+DEFINE_UPDATE(update_bf16, uint16_t, float, sgd_element_f32, bf16_pairs, fused_load_bf16, fused_store_bf16)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
 static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *buf, int64_t n, struct sgd_hyper h,
