@@ -22,6 +22,7 @@ TINY_SETS = {
     "tiny-many": lambda: shapes.many_small_shapes(64, 8),
 }
 DTYPES = ["fp32", "bf16"]
+DTYPES_BY_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROUNDS = 3
 MODES = ["fresh", "bound"]
 ALL = {"fused_sgd", "torch_forloop", "torch_foreach", "torch_fused"}
@@ -449,3 +450,70 @@ def test_fsdp_times_fused_sgd_against_torch_over_dtensors(tmp_path: Path) -> Non
     steps = measured["step_ms"]
     assert steps["fused"] > 0 and steps["torch"] > 0 and steps["torch foreach"] > 0
     assert steps["torch fused"] is None or steps["torch fused"] > 0  # None: torch has no DTensor rule (2.13)
+
+
+def _torch_fused_sgd_moves(dtype: torch.dtype, shapes_: list[torch.Size]) -> bool:
+    """Whether this torch's SGD(fused=True) updates every element of CPU parameters of these shapes
+    and ``dtype`` (torch 2.13's leaves the vectorised part of fp16/bf16 ones where it was, every
+    element but the remainder after the last full vector: pytorch/pytorch#191763)."""
+    params = [torch.nn.Parameter(torch.ones(shape, dtype=dtype)) for shape in shapes_]
+    for param in params:
+        param.grad = torch.ones_like(param)
+    torch.optim.SGD(params, lr=0.5, fused=True).step()
+    return all(bool((param != 1).all()) for param in params)
+
+
+def test_the_result_check_flags_exactly_the_competitors_that_skip_work(bench_run) -> None:
+    result, _, table = bench_run
+    for run in result["runs"]:
+        check = run["result_check"]
+        assert set(check["competitors"]) == ALL and check["baseline"] == "torch_forloop"
+        wrong = {key for key, entry in check["competitors"].items() if entry["wrong"]}
+        broken = not _torch_fused_sgd_moves(DTYPES_BY_NAME[run["dtype"]], TINY_SETS[run["set"]]())
+        assert wrong == ({"torch_fused"} if broken else set()), (run["set"], run["dtype"], check)
+        where = f"{run['set']} {run['dtype']}"
+        assert (f"note: {where}: torch_fused gives wrong results" in table) == broken
+        for mode in MODES:
+            assert (f"| {run['set']} | {run['dtype']} | {mode} | torch SGD fused (wrong results) |" in table) == broken
+
+
+class _SkipsEveryOther(torch.optim.SGD):
+    """torch.optim.SGD that updates only every other parameter: the results are wrong."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def,override]
+        kept = [p.detach().clone() for p in self.param_groups[0]["params"]]
+        super().step()
+        with torch.no_grad():
+            for index, (param, old) in enumerate(zip(self.param_groups[0]["params"], kept)):
+                if index % 2:
+                    param.copy_(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_result_check_against_float64(dtype: torch.dtype) -> None:
+    """On fresh random parameters and gradients (ResNet-50's first tensors), FusedSGD and torch's
+    for-loop and foreach SGD pass the check; an SGD that skips every other parameter fails it."""
+    from fused_optim.bench_check import check_results
+    from fused_sgd import FusedSGD
+
+    hyper = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+    base = shapes.make_params(shapes.SHAPE_SETS["resnet50"](), dtype=dtype, seed=7)
+    grads = shapes.make_grads(base, seed=8)
+    makers = {
+        "fused": lambda params: FusedSGD(params, **hyper),
+        "torch_forloop": lambda params: torch.optim.SGD(params, **hyper, foreach=False),
+        "torch_foreach": lambda params: torch.optim.SGD(params, **hyper, foreach=True),
+        "skips": lambda params: _SkipsEveryOther(params, **hyper, foreach=False),
+    }
+    check = check_results(
+        list(makers),
+        lambda key, params: makers[key](params),
+        lambda params: torch.optim.SGD(params, **hyper, foreach=False),
+        base,
+        grads,
+    )
+    assert 0 < check["numel"] <= 1 << 20 and check["tensors"] > 1
+    wrong = {key for key, entry in check["competitors"].items() if entry["wrong"]}
+    assert wrong == {"skips"}, check
+    assert check["competitors"]["skips"]["moved_fraction"] < 0.7 < check["competitors"]["fused"]["moved_fraction"]
+    assert all(p.grad is None for p in base)  # the run's own parameters are not touched

@@ -401,6 +401,7 @@ def _bench_one(
 ) -> dict[str, Any]:
     """Every measurement of one (set, dtype); the competitors are freed on return."""
     contest = Contest(shapes, DTYPES[dtype], device, seed=args.seed, max_norm=args.max_norm, modes=modes, spec=spec)
+    result_check = contest.check_results()
     contest.warm_up()
     bar.update()
 
@@ -441,6 +442,7 @@ def _bench_one(
             for key, competitor in contest.competitors.items()
         },
         "unavailable": contest.unavailable,
+        "result_check": result_check,
         "staleness_check": staleness,
         "modes": measured,
     }

@@ -39,6 +39,7 @@ import torch
 
 from fused_testing.shapes import make_grads, make_params
 
+from .bench_check import check_results
 from .optimizers import DEFAULT, SPECS, OptimizerSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -289,14 +290,15 @@ class Contest:
             for param, grad in zip(params, self.source_grads):
                 param.grad = grad.clone()
             try:
-                self.competitors[key] = Competitor(key, params, self._optimizer(key, params))
+                self.competitors[key] = Competitor(key, params, self.make_optimizer(key, params))
             except (RuntimeError, NotImplementedError, ValueError) as error:
                 if key == self.reference:
                     raise
                 self.unavailable[key] = f"{type(error).__name__}: {error}"
         del base
 
-    def _optimizer(self, key: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def make_optimizer(self, key: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """Competitor ``key``'s optimizer over ``params``."""
         if key == self.reference:
             return self.fused_class(params, **self.spec.hyperparameters)
         return self.spec.torch_optimizer(params, self.spec.hyperparameters, TORCH_FLAVOURS[key][1])
@@ -354,6 +356,17 @@ class Contest:
         return timed(self._clip_call(competitor), self.sync)
 
     # ----- warm-up and rounds -----------------------------------------------
+    def check_results(self) -> dict[str, Any]:
+        """:func:`fused_optim.bench_check.check_results` over the competitors, from the parameters they
+        all start from: call it before their first step."""
+        spec = self.spec
+
+        def reference_float64(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            return spec.torch_optimizer(params, spec.hyperparameters, TORCH_FLAVOURS["torch_forloop"][1])
+
+        start = self.competitors[self.reference].params
+        return check_results(list(self.competitors), self.make_optimizer, reference_float64, start, self.source_grads)
+
     def warm_up(self) -> None:
         """:func:`warmup_plan` for every competitor, timed but kept out of the medians: the fused
         optimizer builds its flat buffers in the first step, and every first call of an op may set something up."""

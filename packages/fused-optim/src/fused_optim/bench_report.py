@@ -118,8 +118,16 @@ def _fused_table(result: dict[str, Any]) -> list[str]:
 
 
 RIVALS = ("torch_fused", "torch_foreach", "torch_forloop")
-"""The competitor the cycle summary compares with: the first of these the run has (torch's fused
-implementation where the compared class has one, else its foreach one)."""
+"""The competitor the cycle summary compares with: the first of these the run has whose results
+are right (torch's fused implementation where the compared class has one and it does the work,
+else its foreach one)."""
+WRONG = "wrong results"
+
+
+def _wrong(run: dict[str, Any]) -> set[str]:
+    """The competitors whose results the run's check found wrong (:mod:`fused_optim.bench_check`)."""
+    check = run.get("result_check") or {"competitors": {}}
+    return {key for key, entry in check["competitors"].items() if entry["wrong"]}
 
 
 def _cycle_summary(result: dict[str, Any]) -> list[str]:
@@ -132,7 +140,8 @@ def _cycle_summary(result: dict[str, Any]) -> list[str]:
             ops = measured["ops"]
             fused = {op: ops[op]["competitors"][reference] for op in ("zero_grad", "step", "cycle")}
             arrival = measured.get("arrival")
-            rival = next((key for key in RIVALS if key in ops["cycle"]["competitors"]), None)
+            wrong = _wrong(run)
+            rival = next((key for key in RIVALS if key in ops["cycle"]["competitors"] and key not in wrong), None)
             torch_fused = _ratio(ops["cycle"]["competitors"].get(rival), rival, reference) if rival else None
             if rival:
                 rival_labels.append(ops["cycle"]["competitors"][rival]["label"])
@@ -165,8 +174,8 @@ def _cycle_summary(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def _competitor_name(entry: dict[str, Any], rounds: int) -> str:
-    name = entry["label"]
+def _competitor_name(entry: dict[str, Any], rounds: int, wrong: bool = False) -> str:
+    name = entry["label"] + (f" ({WRONG})" if wrong else "")
     return name + f" ({entry['rounds']} rounds)" if entry["rounds"] < rounds else name
 
 
@@ -181,7 +190,7 @@ def _cycle_table(result: dict[str, Any]) -> list[str]:
             for key, step in ops["step"]["competitors"].items():
                 entries = {op: ops[op]["competitors"][key] for op in ("zero_grad", "step", "cycle")}
                 rows.append(
-                    [run["set"], run["dtype"], mode, _competitor_name(step, rounds)]
+                    [run["set"], run["dtype"], mode, _competitor_name(step, rounds, key in _wrong(run))]
                     + [duration(entries[op]["median_s"]) for op in entries]
                     + [_number(_ratio(entries[op], key, reference), ".2f", "x") for op in entries]
                     + [_number(entries[op]["x_of_floor"], ".1f", "x") for op in ("step", "cycle")]
@@ -226,6 +235,16 @@ def _notes(result: dict[str, Any]) -> list[str]:
         where = f"{run['set']} {run['dtype']}"
         for key, reason in run["unavailable"].items():
             lines.append(f"note: {where}: {key} unavailable ({reason})")
+        check = run.get("result_check")
+        for key in sorted(_wrong(run)):
+            entry, baseline = check["competitors"][key], check["baseline_mean_abs_error"]
+            lines.append(
+                f"note: {where}: {key} gives {WRONG}: after {check['steps']} steps over {check['numel']:,} "
+                f"elements its mean error against float64 is {entry['mean_abs_error']:.3g}, "
+                f"{entry['mean_abs_error'] / baseline if baseline else float('inf'):.0f}x the for-loop's "
+                f"({baseline:.3g}), and it moved {100 * entry['moved_fraction']:.0f}% of the elements; its times "
+                f"are not those of the work, and the cycle summary compares with {_fused(result)}'s next rival"
+            )
         stale = run["modes"].get("bound", {}).get("stale_fused_steps", {})
         for phase, count in stale.items():
             if count:

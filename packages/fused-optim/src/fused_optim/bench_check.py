@@ -1,0 +1,103 @@
+"""Did each competitor of ``fused-optim bench`` do the step's work? Timing a kernel that skips part
+of it would credit it with speed it does not have: torch 2.13's ``SGD(fused=True)`` on the CPU,
+for one, leaves fp16 and bf16 parameters where they were (its vectorised loop never stores them,
+pytorch/pytorch#191763), and runs faster for it.
+
+Before the timings, every competitor takes :data:`STEPS` steps from the same parameters and
+gradients, a fresh optimizer over copies of the set's first tensors (at most :data:`NUMEL`
+elements and :data:`TENSORS` tensors), and the compared class's for-loop takes the same steps in
+float64 (the reference). Each competitor's error is the mean of ``|p - p_float64|`` over those
+elements; the for-loop in the run's dtype has an error of its own, from rounding. A competitor
+whose error exceeds :data:`WRONG_FACTOR` times the for-loop's (plus :data:`ABS_SLACK`) is reported
+as giving wrong results, with the share of the elements it moved at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+STEPS = 3
+"""Steps of each competitor: the first step and later ones (momentum, bias correction)."""
+NUMEL = 1 << 20
+"""At most this many elements take part: the set's first tensors."""
+TENSORS = 1000
+"""And at most this many tensors."""
+WRONG_FACTOR = 4.0
+"""Error against float64 beyond this many times the for-loop's own: wrong results."""
+ABS_SLACK = 1e-12
+"""Added to the for-loop's error, for a dtype (float64) where it is zero."""
+
+MakeOptimizer = Callable[[str, list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def first_tensors(params: Sequence[torch.Tensor]) -> int:
+    """How many of ``params`` take part: the first ones, up to :data:`NUMEL` elements (at least one tensor)."""
+    count, total = 0, 0
+    for param in params[:TENSORS]:
+        if count and total + param.numel() > NUMEL:
+            break
+        count, total = count + 1, total + param.numel()
+    return count
+
+
+@torch.no_grad()
+def _run(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
+    for _ in range(STEPS):
+        for param, grad in zip(params, grads):
+            param.grad = grad.to(param.dtype).clone()
+        optimizer.step()
+
+
+def _copies(params: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True)) for p in params]
+
+
+@torch.no_grad()
+def check_results(
+    keys: Sequence[str],
+    make: MakeOptimizer,
+    reference_float64: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    forloop: str = "torch_forloop",
+) -> dict[str, Any]:
+    """Each competitor's error against float64 after :data:`STEPS` steps (see the module's docstring).
+
+    ``make(key, params)`` builds competitor ``key``'s optimizer, ``reference_float64(params)`` the
+    compared class's for-loop over float64 parameters; ``params`` and ``grads`` are the run's
+    initial parameters and its gradients (copied here, never modified). Returns per key
+    ``mean_abs_error``, ``moved_fraction`` (elements no longer equal to their initial value) and
+    ``wrong``, with the for-loop's error as the baseline; without a for-loop competitor the
+    baseline is the smallest error of any competitor."""
+    count = first_tensors(params)
+    initial, grads = list(params[:count]), list(grads[:count])
+    numel = sum(p.numel() for p in initial)
+    exact = _copies(initial, torch.float64)
+    _run(reference_float64(exact), exact, grads)
+
+    checked: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        mine = _copies(initial)
+        _run(make(key, mine), mine, grads)
+        error = sum(float((m.double() - e).abs().sum()) for m, e in zip(mine, exact)) / max(numel, 1)
+        moved = sum(int((m != p).sum()) for m, p in zip(mine, initial)) / max(numel, 1)
+        checked[key] = {"mean_abs_error": error, "moved_fraction": moved}
+    baseline = (
+        checked[forloop]["mean_abs_error"]
+        if forloop in checked
+        else min(entry["mean_abs_error"] for entry in checked.values())
+    )
+    for entry in checked.values():
+        entry["wrong"] = entry["mean_abs_error"] > WRONG_FACTOR * baseline + ABS_SLACK
+    return {
+        "steps": STEPS,
+        "tensors": count,
+        "numel": numel,
+        "baseline": forloop if forloop in checked else "smallest error",
+        "baseline_mean_abs_error": baseline,
+        "wrong_factor": WRONG_FACTOR,
+        "competitors": checked,
+    }
