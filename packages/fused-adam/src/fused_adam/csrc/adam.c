@@ -158,23 +158,28 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
     return bits_f64((f64_bits(a) & mask) | (f64_bits(b) & ~mask));
 }
 
-/* The state update of element i, computed in type C, in the scope of the loops below: loads p, g,
- * m, v (mx), stores m, v (mx), and leaves the (decayed) p, the new m and the sqrt argument v in
- * local variables p, m and v. The weight decay and amsgrad flags are compile-time constants in each
- * call (ADAM_DISPATCH), so that every combination is its own branch-free loop, which vectorises. */
-#define ADAM_ELEMENT(C, FMA, FLIP, PICK, LOAD, STORE)                                                    \
-    C p = LOAD(param[i]);                                                                                 \
-    C g = FLIP(LOAD(grad[i]), sign);                                                                      \
+/* The update of one element's values, computed in type C, in the scope of the loops below: the
+ * local variables p, g, m, v and (amsgrad) mx hold the loaded values and are updated in place, p
+ * to the (decayed) parameter before its step, m, v and mx to the new state. The weight decay and
+ * amsgrad flags are compile-time constants in each call (ADAM_DISPATCH), so that every
+ * combination is its own branch-free loop, which vectorises. */
+#define ADAM_VALUES(C, FMA, FLIP, PICK, p, g, m, v, mx)                                                   \
+    g = FLIP(g, sign);                                                                                    \
     if (wd_mode == WD_DECOUPLED) p = p * decay;                                                           \
     if (wd_mode == WD_L2) g = FMA(p, wd, g);                                                              \
-    C m = LOAD(exp_avg[i]), v = LOAD(exp_avg_sq[i]);                                                      \
     m = FMA(coef, g - m, PICK(lerp_base_is_m, m, g));                                                     \
     v = FMA(c2 * g, g, v * beta2);                                                                        \
+    if (amsgrad) mx = (mx != mx || v != v) ? (C)NAN : mx > v ? mx : v;
+
+/* The state update of element i: loads p, g, m, v (mx), stores m, v (mx), and leaves the (decayed)
+ * p, the new m and the sqrt argument v (mx under amsgrad) in local variables p, m and v. */
+#define ADAM_ELEMENT(C, FMA, FLIP, PICK, LOAD, STORE)                                                    \
+    C p = LOAD(param[i]), g = LOAD(grad[i]), m = LOAD(exp_avg[i]), v = LOAD(exp_avg_sq[i]);              \
+    C mx = amsgrad ? LOAD(max_exp_avg_sq[i]) : (C)0;                                                      \
+    ADAM_VALUES(C, FMA, FLIP, PICK, p, g, m, v, mx)                                                       \
     exp_avg[i] = STORE(m);                                                                                \
     exp_avg_sq[i] = STORE(v);                                                                             \
     if (amsgrad) {                                                                                        \
-        C mx = LOAD(max_exp_avg_sq[i]);                                                                   \
-        mx = (mx != mx || v != v) ? (C)NAN : mx > v ? mx : v;                                             \
         max_exp_avg_sq[i] = STORE(mx);                                                                    \
         v = mx;                                                                                           \
     }
@@ -191,14 +196,16 @@ FUSED_INLINE double pick_f64(uint64_t mask, double a, double b) {
 /* One step over n elements in one loop, computed in type C (U: its bits) with the correctly rounded
  * square root SQRT (the processor's), stored as T: the kernel of fp32 without torch_sqrt, of bf16,
  * and of fp16's fp32 blocks (see the top comment). */
-#define DEFINE_DIRECT(NAME, T, C, U, FMA, FLIP, PICK, SQRT, LOAD, STORE)                                  \
+#define DEFINE_DIRECT(NAME, T, C, U, FMA, FLIP, PICK, SQRT, LOAD, STORE, HEAD)                            \
     FUSED_INLINE void NAME##_loop(T *restrict param, const T *restrict grad, T *restrict exp_avg,         \
                                   T *restrict exp_avg_sq, T *restrict max_exp_avg_sq, int64_t n,          \
                                   const C *restrict k, const U sign, const U lerp_base_is_m,              \
                                   const C bc2_sqrt, const C eps, const C neg_step_size,                   \
                                   const int wd_mode, const int amsgrad) {                                 \
         const C coef = k[0], c2 = k[1], beta2 = k[2], wd = k[3], decay = k[4];                            \
-        for (int64_t i = 0; i < n; i++) {                                                                 \
+        int64_t head = HEAD(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, k, sign, lerp_base_is_m, \
+                            bc2_sqrt, eps, neg_step_size, wd_mode, amsgrad);                              \
+        for (int64_t i = head; i < n; i++) {                                                              \
             ADAM_ELEMENT(C, FMA, FLIP, PICK, LOAD, STORE)                                                 \
             param[i] = STORE(p + neg_step_size * m / (SQRT(v) / bc2_sqrt + eps));                         \
         }                                                                                                 \
@@ -316,9 +323,50 @@ DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, fus
 DEFINE_STAGED(staged_f32, float, float, uint32_t, update_f32_state, fused_sqrt_block_f32, same_f32)
 DEFINE_STAGED(staged_f64, double, double, uint64_t, update_f64_state, fused_sqrt_block_f64, same_f64)
 
+#define ADAM_HEAD_PARAMS(T)                                                                               \
+    T *restrict param, const T *restrict grad, T *restrict exp_avg, T *restrict exp_avg_sq,               \
+        T *restrict max_exp_avg_sq, int64_t n, const float *restrict k, const uint32_t sign,              \
+        const uint32_t lerp_base_is_m, const float bc2_sqrt, const float eps, const float neg_step_size,   \
+        const int wd_mode, const int amsgrad
+
+/* The leading elements DEFINE_DIRECT's loop leaves to a type's own loop, and how many: none for
+ * fp32; for bf16, the pairs of fused_half.h (all but an odd last element). */
+FUSED_INLINE int64_t no_head_f32(ADAM_HEAD_PARAMS(float)) {
+    (void)param, (void)grad, (void)exp_avg, (void)exp_avg_sq, (void)max_exp_avg_sq, (void)n, (void)k;
+    (void)sign, (void)lerp_base_is_m, (void)bc2_sqrt, (void)eps, (void)neg_step_size, (void)wd_mode, (void)amsgrad;
+    return 0;
+}
+
+FUSED_INLINE int64_t bf16_pairs(ADAM_HEAD_PARAMS(uint16_t)) {
+    const float coef = k[0], c2 = k[1], beta2 = k[2], wd = k[3], decay = k[4];
+    fused_bf16_pair *restrict pw = (fused_bf16_pair *)param, *restrict mw = (fused_bf16_pair *)exp_avg;
+    fused_bf16_pair *restrict vw = (fused_bf16_pair *)exp_avg_sq, *restrict xw = (fused_bf16_pair *)max_exp_avg_sq;
+    const fused_bf16_pair *restrict gw = (const fused_bf16_pair *)grad;
+    for (int64_t i = 0; i < n / 2; i++) {
+        uint32_t x = amsgrad ? xw[i] : 0;
+        float p0 = fused_pair_low(pw[i]), g0 = fused_pair_low(gw[i]), m0 = fused_pair_low(mw[i]);
+        float v0 = fused_pair_low(vw[i]), mx0 = fused_pair_low(x);
+        float p1 = fused_pair_high(pw[i]), g1 = fused_pair_high(gw[i]), m1 = fused_pair_high(mw[i]);
+        float v1 = fused_pair_high(vw[i]), mx1 = fused_pair_high(x);
+        ADAM_VALUES(float, fmaf, flip_f32, pick_f32, p0, g0, m0, v0, mx0)
+        ADAM_VALUES(float, fmaf, flip_f32, pick_f32, p1, g1, m1, v1, mx1)
+        mw[i] = fused_pair_of(m0, m1);
+        vw[i] = fused_pair_of(v0, v1);
+        if (amsgrad) {
+            xw[i] = fused_pair_of(mx0, mx1);
+            v0 = mx0;
+            v1 = mx1;
+        }
+        pw[i] = fused_pair_of(p0 + neg_step_size * m0 / (sqrtf(v0) / bc2_sqrt + eps),
+                              p1 + neg_step_size * m1 / (sqrtf(v1) / bc2_sqrt + eps));
+    }
+    return n & ~(int64_t)1;
+}
+
 DEFINE_DIRECT(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, fused_load_bf16,
-              fused_store_bf16)
-DEFINE_DIRECT(update_f32_ieee, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, same_f32, same_f32)
+              fused_store_bf16, bf16_pairs)
+DEFINE_DIRECT(update_f32_ieee, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, same_f32, same_f32,
+              no_head_f32)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
 static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
