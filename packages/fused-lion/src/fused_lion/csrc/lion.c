@@ -42,21 +42,61 @@
 
 struct lion_hyper { double neg_lr, decay, beta1, beta2; int has_decay, maximize; };
 
-/* One step over n elements, computed in type C, stored as T. NAME##_loop takes its flags as
- * compile-time constants in each call of NAME, so that every combination is its own loop, which
- * vectorises. */
-#define DEFINE_UPDATE(NAME, T, C, FMA, LOAD, STORE)                                                        \
+/* One element's update, computed in type C, in place: p, g, m the loaded values in, p and m the
+ * new parameter and exp_avg out (unrounded; the caller stores them). */
+#define LION_VALUES(C, FMA, p, g, m)                                                                       \
+    if (maximize) g = -g;                                                                                  \
+    if (has_decay) p = p * decay;                                                                          \
+    {                                                                                                      \
+        C c = m * beta1 + g * c1;                                                                          \
+        C s = (C)(c > 0) - (C)(c < 0);                                                                     \
+        p = FMA(s, neg_lr, p);                                                                             \
+        m = FMA(g, c2, m * beta2);                                                                         \
+    }
+
+#define LION_FLAG_PARAMS(C)                                                                                \
+    const C neg_lr, const C decay, const C beta1, const C c1, const C beta2, const C c2, const int has_decay, \
+        const int maximize
+#define LION_FLAGS neg_lr, decay, beta1, c1, beta2, c2, has_decay, maximize
+
+/* The leading elements a type takes its own way, and how many: none for fp32/fp64; for bf16, the
+ * pairs of fused_half.h (all but an odd last element). */
+#define NO_HEAD(T, C)                                                                                      \
+    FUSED_INLINE int64_t no_head_##T(T *restrict param, const T *restrict grad, T *restrict exp_avg,      \
+                                     int64_t n, LION_FLAG_PARAMS(C)) {                                     \
+        (void)param, (void)grad, (void)exp_avg, (void)n, (void)neg_lr, (void)decay, (void)beta1, (void)c1; \
+        (void)beta2, (void)c2, (void)has_decay, (void)maximize;                                            \
+        return 0;                                                                                          \
+    }
+NO_HEAD(float, float)
+NO_HEAD(double, double)
+
+FUSED_INLINE int64_t bf16_pairs(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, int64_t n,
+                                LION_FLAG_PARAMS(float)) {
+    fused_bf16_pair *restrict pw = (fused_bf16_pair *)param, *restrict mw = (fused_bf16_pair *)exp_avg;
+    const fused_bf16_pair *restrict gw = (const fused_bf16_pair *)grad;
+    for (int64_t i = 0; i < n / 2; i++) {
+        float p0 = fused_pair_low(pw[i]), g0 = fused_pair_low(gw[i]), m0 = fused_pair_low(mw[i]);
+        float p1 = fused_pair_high(pw[i]), g1 = fused_pair_high(gw[i]), m1 = fused_pair_high(mw[i]);
+        LION_VALUES(float, fmaf, p0, g0, m0)
+        LION_VALUES(float, fmaf, p1, g1, m1)
+        pw[i] = fused_pair_of(p0, p1);
+        mw[i] = fused_pair_of(m0, m1);
+    }
+    return n & ~(int64_t)1;
+}
+
+/* One step over n elements, computed in type C, stored as T: HEAD's elements, then the rest one by
+ * one. NAME##_loop takes its flags as compile-time constants in each call of NAME, so that every
+ * combination is its own loop, which vectorises. */
+#define DEFINE_UPDATE(NAME, T, C, FMA, LOAD, STORE, HEAD)                                                  \
     FUSED_INLINE void NAME##_loop(T *restrict param, const T *restrict grad, T *restrict exp_avg, int64_t n, \
-                                  const C neg_lr, const C decay, const C beta1, const C c1, const C beta2, \
-                                  const C c2, const int has_decay, const int maximize) {                  \
-        for (int64_t i = 0; i < n; i++) {                                                                  \
+                                  LION_FLAG_PARAMS(C)) {                                                   \
+        for (int64_t i = HEAD(param, grad, exp_avg, n, LION_FLAGS); i < n; i++) {                          \
             C p = LOAD(param[i]), g = LOAD(grad[i]), m = LOAD(exp_avg[i]);                                 \
-            if (maximize) g = -g;                                                                          \
-            if (has_decay) p = p * decay;                                                                  \
-            C c = m * beta1 + g * c1;                                                                      \
-            C s = (C)(c > 0) - (C)(c < 0);                                                                 \
-            param[i] = STORE(FMA(s, neg_lr, p));                                                           \
-            exp_avg[i] = STORE(FMA(g, c2, m * beta2));                                                     \
+            LION_VALUES(C, FMA, p, g, m)                                                                   \
+            param[i] = STORE(p);                                                                           \
+            exp_avg[i] = STORE(m);                                                                         \
         }                                                                                                  \
     }                                                                                                      \
     static void NAME(T *param, const T *grad, T *exp_avg, int64_t n, const struct lion_hyper *h) {         \
@@ -75,9 +115,9 @@ struct lion_hyper { double neg_lr, decay, beta1, beta2; int has_decay, maximize;
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
 
-DEFINE_UPDATE(update_f32, float, float, fmaf, same_f32, same_f32)
-DEFINE_UPDATE(update_f64, double, double, fma, same_f64, same_f64)
-DEFINE_UPDATE(update_bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16)
+DEFINE_UPDATE(update_f32, float, float, fmaf, same_f32, same_f32, no_head_float)
+DEFINE_UPDATE(update_f64, double, double, fma, same_f64, same_f64, no_head_double)
+DEFINE_UPDATE(update_bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16, bf16_pairs)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
 static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, int64_t n,
