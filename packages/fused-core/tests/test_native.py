@@ -30,13 +30,28 @@ CONVERT_C = Path(__file__).with_name("csrc") / "convert.c"
 _CONVERTER = (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
 LOADS = {torch.bfloat16: "bf16_to_f32", torch.float16: "fp16_to_f32"}
 STORES = {torch.bfloat16: "f32_to_bf16", torch.float16: "f32_to_fp16"}
-SIGNATURES = {name: _CONVERTER for name in (*LOADS.values(), *STORES.values())}
+PAIRS = {"load": "bf16_pairs_to_f32", "store": "f32_to_bf16_pairs"}
+"""fused_half.h's bf16 pairs, as converters: the same bits as the block converters are checked for."""
+SIGNATURES = {name: _CONVERTER for name in (*LOADS.values(), *STORES.values(), *PAIRS.values())}
 NO_F16C = ("-O3", "-mno-f16c")
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 TAIL = 7
 """Elements per call where each element must go through the scalar tail (fewer than one 8-wide F16C block)."""
 BROKEN_C = "int broken(int x {\n    return x;\n}\n"
-HALF_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+WAYS = pytest.mark.parametrize(
+    ("dtype", "way"),
+    [(torch.bfloat16, "block"), (torch.bfloat16, "pairs"), (torch.float16, "block")],
+    ids=["bf16", "bf16-pairs", "fp16"],
+)
+"""Each 16-bit dtype through its block converters, and bf16 through the pairs too."""
+
+
+def load_name(dtype: torch.dtype, way: str) -> str:
+    return PAIRS["load"] if way == "pairs" else LOADS[dtype]
+
+
+def store_name(dtype: torch.dtype, way: str) -> str:
+    return PAIRS["store"] if way == "pairs" else STORES[dtype]
 
 
 needs_compiler = pytest.mark.skipif(c_compiler() is None, reason="no C compiler ($CC, else cc) on PATH")
@@ -207,19 +222,20 @@ def odd_length(values: torch.Tensor) -> torch.Tensor:
     return values[:keep].contiguous()
 
 
-@HALF_DTYPES
-def test_load_every_pattern_matches_torch(converters, dtype) -> None:
+@WAYS
+def test_load_every_pattern_matches_torch(converters, dtype, way) -> None:
     """Every 16-bit pattern loads to the fp32 pattern torch's ``.float()`` gives (NaN: some NaN), both
     in one call and in calls of 7 elements (all through the scalar tail, beside any F16C blocks)."""
     patterns = all_patterns(dtype)
     want = patterns.float()
     for piece in (None, TAIL):
-        got = convert(converters, LOADS[dtype], patterns.view(torch.int16), poisoned(want, torch.int32), piece)
-        assert_same_bits(patterns, got, want, torch.int32, f"{LOADS[dtype]} {converters.flags} piece={piece}")
+        name = load_name(dtype, way)
+        got = convert(converters, name, patterns.view(torch.int16), poisoned(want, torch.int32), piece)
+        assert_same_bits(patterns, got, want, torch.int32, f"{name} {converters.flags} piece={piece}")
 
 
-@HALF_DTYPES
-def test_store_matches_torch_rounding(converters, dtype, generator) -> None:
+@WAYS
+def test_store_matches_torch_rounding(converters, dtype, way, generator) -> None:
     """fp32 -> ``dtype`` rounds as torch's ``.to(dtype)`` does (nearest, ties to even; overflow to
     infinity; NaN to some NaN), bit for bit, over: the fp32 image of every ``dtype`` value, every
     midpoint between neighbours (the ties) and the overflow threshold, the regime boundaries,
@@ -229,12 +245,13 @@ def test_store_matches_torch_rounding(converters, dtype, generator) -> None:
     random = torch.randint(-(1 << 31), 1 << 31, (1_000_000,), dtype=torch.int32, generator=generator)
     inputs = odd_length(torch.cat([with_neighbours_and_signs(structured), random.view(torch.float32)]))
     want = inputs.to(dtype)
-    got = convert(converters, STORES[dtype], inputs, poisoned(want, torch.int16).view(torch.int16)).view(dtype)
-    assert_same_bits(inputs, got, want, torch.int16, f"{STORES[dtype]} {converters.flags}")
+    name = store_name(dtype, way)
+    got = convert(converters, name, inputs, poisoned(want, torch.int16).view(torch.int16)).view(dtype)
+    assert_same_bits(inputs, got, want, torch.int16, f"{name} {converters.flags}")
 
 
-@HALF_DTYPES
-def test_store_boundaries_through_the_scalar_tail(converters, dtype) -> None:
+@WAYS
+def test_store_boundaries_through_the_scalar_tail(converters, dtype, way) -> None:
     """The regime boundaries and the ties around them (with neighbours and signs), converted 7 at a time
     so that each goes through the scalar tail, round as torch's ``.to(dtype)`` does."""
     finfo = torch.finfo(dtype)
@@ -242,8 +259,9 @@ def test_store_boundaries_through_the_scalar_tail(converters, dtype) -> None:
     near_edges = near_edges[(near_edges < 4 * finfo.tiny) | (near_edges > finfo.max / 4)]
     inputs = with_neighbours_and_signs(torch.cat([boundaries(dtype), near_edges]))
     want = inputs.to(dtype)
-    got = convert(converters, STORES[dtype], inputs, poisoned(want, torch.int16).view(torch.int16), TAIL)
-    assert_same_bits(inputs, got.view(dtype), want, torch.int16, f"{STORES[dtype]} {converters.flags} piece={TAIL}")
+    name = store_name(dtype, way)
+    got = convert(converters, name, inputs, poisoned(want, torch.int16).view(torch.int16), TAIL)
+    assert_same_bits(inputs, got.view(dtype), want, torch.int16, f"{name} {converters.flags} piece={TAIL}")
 
 
 def test_default_flags_load_where_a_compiler_is_found(tmp_path, monkeypatch) -> None:
