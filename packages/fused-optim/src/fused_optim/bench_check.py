@@ -4,8 +4,8 @@ for one, leaves fp16 and bf16 parameters where they were (its vectorised loop ne
 pytorch/pytorch#191763), and runs faster for it.
 
 Before the timings, every competitor takes :data:`STEPS` steps from the same parameters and
-gradients, a fresh optimizer over copies of the set's first tensors (at most :data:`NUMEL`
-elements and :data:`TENSORS` tensors), and the compared class's for-loop takes the same steps in
+gradients, a fresh optimizer over copies of the set's first tensors that fit in :data:`NUMEL`
+elements (of its first :data:`TENSORS`), and the compared class's for-loop takes the same steps in
 float64 (the reference). Each competitor's error is the mean of ``|p - p_float64|`` over those
 elements; the for-loop in the run's dtype has an error of its own, from rounding. A competitor
 whose error exceeds :data:`WRONG_FACTOR` times the for-loop's (plus :data:`ABS_SLACK`) is reported
@@ -33,14 +33,18 @@ ABS_SLACK = 1e-12
 MakeOptimizer = Callable[[str, list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
-def first_tensors(params: Sequence[torch.Tensor]) -> int:
-    """How many of ``params`` take part: the first ones, up to :data:`NUMEL` elements (at least one tensor)."""
-    count, total = 0, 0
-    for param in params[:TENSORS]:
-        if count and total + param.numel() > NUMEL:
-            break
-        count, total = count + 1, total + param.numel()
-    return count
+def first_tensors(params: Sequence[torch.Tensor]) -> list[int]:
+    """The indices of the tensors that take part: of the first :data:`TENSORS`, in order, each that
+    still fits in :data:`NUMEL` elements (an embedding larger than that is left out); the smallest
+    one where none fits."""
+    chosen, total = [], 0
+    for index, param in enumerate(params[:TENSORS]):
+        if total + param.numel() <= NUMEL:
+            chosen.append(index)
+            total += param.numel()
+    if not chosen and len(params):
+        chosen = [min(range(min(len(params), TENSORS)), key=lambda index: params[index].numel())]
+    return chosen
 
 
 @torch.no_grad()
@@ -72,8 +76,8 @@ def check_results(
     ``mean_abs_error``, ``moved_fraction`` (elements no longer equal to their initial value) and
     ``wrong``, with the for-loop's error as the baseline; without a for-loop competitor the
     baseline is the smallest error of any competitor."""
-    count = first_tensors(params)
-    initial, grads = list(params[:count]), list(grads[:count])
+    chosen = first_tensors(params)
+    initial, grads = [params[index] for index in chosen], [grads[index] for index in chosen]
     numel = sum(p.numel() for p in initial)
     exact = _copies(initial, torch.float64)
     _run(reference_float64(exact), exact, grads)
@@ -94,7 +98,7 @@ def check_results(
         entry["wrong"] = entry["mean_abs_error"] > WRONG_FACTOR * baseline + ABS_SLACK
     return {
         "steps": STEPS,
-        "tensors": count,
+        "tensors": len(chosen),
         "numel": numel,
         "baseline": forloop if forloop in checked else "smallest error",
         "baseline_mean_abs_error": baseline,
