@@ -23,7 +23,9 @@ import torch
 from fused_core import native
 from fused_core.kernels import DTYPE_SUFFIXES, GradSegments, same_bits
 from fused_rmsprop import c_kernel, c_launchers
+from fused_rmsprop.kernels import low_precision_sqrt
 from fused_rmsprop.reference import RMSpropTF
+from fused_testing.roots import fp32_sqrt_replaced
 
 SIZES = (1, 7, 33, 300, 70001)
 STEPS = 3
@@ -156,9 +158,17 @@ def run_kernel(kernel: str, dtype: torch.dtype, hp: dict, threads: int = 2, boun
 
 
 def reference_run(kernel: str, dtype: torch.dtype, config: dict, check=None) -> tuple[torch.optim.Optimizer, list]:
-    """The reference over per-parameter tensors (in fp32, rounded to ``dtype`` after every step, where
-    ``dtype`` is fp16/bf16); ``check(step, optimizer, leaves)`` after every step."""
+    """The reference over per-parameter tensors (in fp32 with the low-precision square root, rounded to
+    ``dtype`` after every step, where ``dtype`` is fp16/bf16); ``check(step, optimizer, leaves)`` after
+    every step."""
     low = dtype in (torch.float16, torch.bfloat16)
+    with fp32_sqrt_replaced(low_precision_sqrt(dtype) if low else None):
+        return _reference_run(kernel, dtype, config, check, low)
+
+
+def _reference_run(
+    kernel: str, dtype: torch.dtype, config: dict, check, low: bool
+) -> tuple[torch.optim.Optimizer, list]:
     params, grads = data(dtype)
     leaves = [(p.float() if low else p.clone()).requires_grad_() for p in params]
     cls = KERNELS[kernel][0]

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from fused_core.kernels import RunInfo, same_bits
-from fused_rmsprop.kernels import adadelta_composite, rmsprop_composite, rmsprop_tf_composite
+from fused_rmsprop.kernels import adadelta_composite, low_precision_sqrt, rmsprop_composite, rmsprop_tf_composite
 from fused_rmsprop.reference import RMSpropTF
+from fused_testing.roots import fp32_sqrt_replaced
 
 SIZES = (1, 7, 33, 4099)
 STEPS = 3
@@ -65,22 +66,25 @@ def run(name: str, dtype: torch.dtype, gap: int = 0) -> tuple[list, dict, list, 
     hp = dict(reference([torch.nn.Parameter(torch.zeros(1))], **config).param_groups[0])
     leaves = [(v.float() if low else v.clone()).requires_grad_() for v in values]
     optimizer = reference(leaves, foreach=False, **config)
-    for step in range(STEPS):
-        grads = [torch.randn(n, generator=generator, dtype=torch.float64).to(dtype) for n in SIZES]
-        flat_grads = torch.zeros_like(flat)
-        for o, n, g in zip(offsets.tolist(), SIZES, grads):
-            flat_grads[o : o + n].copy_(g)
-        info = RunInfo(first_step=step == 0, parameters=tuple(pieces), offsets=offsets, numels=numels)
-        composite(flat, flat_grads, state, hp, info)
-        for leaf, g in zip(leaves, grads):
-            leaf.grad = g.float() if low else g.clone()
-        optimizer.step()
-        if low:  # the composite's one rounding per step
-            with torch.no_grad():
-                for leaf in leaves:
-                    for tensor in (leaf, *optimizer.state[leaf].values()):
-                        if tensor.dim() > 0:
-                            tensor.copy_(tensor.to(dtype).float())
+    with fp32_sqrt_replaced(
+        low_precision_sqrt(dtype) if low else None
+    ):  # the reference's fp32 arithmetic is the fp16/bf16 updates'
+        for step in range(STEPS):
+            grads = [torch.randn(n, generator=generator, dtype=torch.float64).to(dtype) for n in SIZES]
+            flat_grads = torch.zeros_like(flat)
+            for o, n, g in zip(offsets.tolist(), SIZES, grads):
+                flat_grads[o : o + n].copy_(g)
+            info = RunInfo(first_step=step == 0, parameters=tuple(pieces), offsets=offsets, numels=numels)
+            composite(flat, flat_grads, state, hp, info)
+            for leaf, g in zip(leaves, grads):
+                leaf.grad = g.float() if low else g.clone()
+            optimizer.step()
+            if low:  # the composite's one rounding per step
+                with torch.no_grad():
+                    for leaf in leaves:
+                        for tensor in (leaf, *optimizer.state[leaf].values()):
+                            if tensor.dim() > 0:
+                                tensor.copy_(tensor.to(dtype).float())
     return pieces, state, leaves, optimizer, flat
 
 

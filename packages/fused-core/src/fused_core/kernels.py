@@ -259,7 +259,8 @@ TORCH_SQRT_ENV = "FUSED_OPTIM_TORCH_SQRT"
 """Set (to anything non-empty), the fp32 updates of the plugins that take :func:`update_sqrt` (FusedAdam,
 FusedAdamW) use torch's CPU square root (MKL's, where torch has it) instead of the correctly rounded
 one: bit for bit torch's for-loop, at MKL's cost (up to half the step on an AVX2 AMD CPU). Read at
-every step. (FusedRMSprop and FusedAdadelta take torch's square root always.)"""
+every step. (FusedRMSprop, FusedRMSpropTF and FusedAdadelta take torch's square root in fp32 and fp64 always,
+and the correctly rounded one in fp16/bf16.)"""
 
 
 def torch_sqrt_requested() -> bool:

@@ -3,7 +3,8 @@ buffer in one pass.
 
 The kernels compute torch 2.13's ``torch.optim.RMSprop/Adadelta(foreach=False)`` steps and
 :func:`fused_rmsprop.reference.rmsprop_tf_update` bit for bit in fp32 and fp64 (fp16/bf16: the fp32
-arithmetic, rounded once per step); the C file's top comment gives the math and where it rounds.
+arithmetic with the correctly rounded square root, rounded once per step); the C file's top comment
+gives the math and where it rounds.
 This module only builds, loads and calls them:
 
 * ``C_SOURCE``, ``C_FUNCTIONS`` (kernel -> dtype -> exported symbol) and their signatures;
@@ -41,9 +42,9 @@ ADADELTA_SIGNATURE = (
     # param, square_avg, acc_delta; the slot table; lr, rho, eps, weight_decay; maximize, threads
     [ctypes.c_void_p] * 3 + SLOT_TABLE + [ctypes.c_double] * 4 + [ctypes.c_int] * 2,
 )
-C_EXTRA = ("-lm", "-ldl")
-"""After the flags of every build: ``-ldl`` for ``dlopen``/``dlsym``, which find MKL's square roots in
-the loaded torch."""
+C_EXTRA = ("-fno-math-errno", "-lm", "-ldl")
+"""After the flags of every build: ``-fno-math-errno`` lets fp16/bf16's ``sqrtf`` loop vectorise (the
+same bits), ``-ldl`` is for ``dlopen``/``dlsym``, which find MKL's square roots in the loaded torch."""
 
 
 def load(check: SelfCheck | None = None) -> NativeLibrary | None:

@@ -18,12 +18,13 @@ step adds one to ``step``, which none of the updates reads. On the CPU the C lau
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from fused_core.kernels import RunInfo, as_scalar, in_fp32_chunks
+from fused_core.kernels import RunInfo, as_scalar, correctly_rounded_sqrt, in_fp32_chunks
 
 from .reference import rmsprop_tf_update
 
@@ -43,6 +44,21 @@ def start_and_count(
         if ones is not None:
             fill_slots(ones, run, 1.0)
     state["step"].add_(1)
+
+
+def low_precision_sqrt(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The square root of an update of ``dtype`` parameters: torch's in fp32 and fp64 (its for-loop's
+    bits, MKL's on x86-64 CPU wheels); in fp16/bf16, computed in fp32, the correctly rounded one
+    (:func:`fused_core.kernels.correctly_rounded_sqrt`, the processor's instruction in the C
+    kernel: torch's for-loop rounds every operation to fp16/bf16, so its bits are not kept anyway,
+    and MKL's root costs as much as the rest of the step on an AVX2 AMD CPU)."""
+    return _ieee_sqrt if dtype in (torch.float16, torch.bfloat16) else torch.sqrt
+
+
+def _ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """:func:`fused_core.kernels.correctly_rounded_sqrt`, with the positive quiet NaN for a negative
+    ``x`` (centered RMSprop's ``v - ḡ²`` can round below zero), as the C kernel gives it."""
+    return correctly_rounded_sqrt(x).masked_fill_(x < 0, math.nan)
 
 
 def fill_slots(tensor: torch.Tensor, run: RunInfo, value: float) -> None:
@@ -70,8 +86,10 @@ def rmsprop_update(
     grad_avg: torch.Tensor | None,
     momentum_buffer: torch.Tensor | None,
     hp: Mapping[str, Any],
+    sqrt: Callable[[torch.Tensor], torch.Tensor] = torch.sqrt,
 ) -> None:
-    """torch.optim.RMSprop(foreach=False)'s update of one tensor, in place, op for op."""
+    """torch.optim.RMSprop(foreach=False)'s update of one tensor, in place, op for op, with the
+    square root ``sqrt`` (:func:`low_precision_sqrt`)."""
     lr, alpha, weight_decay = as_scalar(hp["lr"]), hp["alpha"], hp["weight_decay"]
     grad = -grad if hp["maximize"] else grad
     if weight_decay != 0:
@@ -79,9 +97,9 @@ def rmsprop_update(
     square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     if grad_avg is not None:
         grad_avg.lerp_(grad, 1 - alpha)
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        avg = sqrt(square_avg.addcmul(grad_avg, grad_avg, value=-1))
     else:
-        avg = square_avg.sqrt()
+        avg = sqrt(square_avg)
     avg = avg.add_(hp["eps"])
     if momentum_buffer is not None:
         momentum_buffer.mul_(hp["momentum"]).addcdiv_(grad, avg)
@@ -96,7 +114,8 @@ def rmsprop_composite(
     """RMSprop from torch ops over one run; low precision through fp32 chunks."""
     buffers = rmsprop_buffers(state, hp)
     start_and_count(state, run, zeros=buffers)
-    in_fp32_chunks(lambda p, g, v, a, b: rmsprop_update(p, g, v, a, b, hp), params, grads, *buffers)
+    sqrt = low_precision_sqrt(params.dtype)
+    in_fp32_chunks(lambda p, g, v, a, b: rmsprop_update(p, g, v, a, b, hp, sqrt), params, grads, *buffers)
 
 
 def rmsprop_tf_composite(
@@ -105,7 +124,7 @@ def rmsprop_tf_composite(
     """RMSpropTF from torch ops over one run (``square_avg`` starts at one); low precision through fp32 chunks."""
     buffers = rmsprop_buffers(state, hp)
     start_and_count(state, run, zeros=buffers[1:], ones=buffers[0])
-    keywords = {key: hp[key] for key in RMSPROP_TF_KEYS}
+    keywords = {key: hp[key] for key in RMSPROP_TF_KEYS} | {"sqrt": low_precision_sqrt(params.dtype)}
     in_fp32_chunks(lambda p, g, v, a, b: rmsprop_tf_update(p, g, v, a, b, **keywords), params, grads, *buffers)
 
 
@@ -114,16 +133,22 @@ RMSPROP_TF_KEYS = ("lr", "alpha", "eps", "weight_decay", "momentum", "decoupled_
 
 
 def adadelta_update(
-    param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, acc_delta: torch.Tensor, hp: Mapping[str, Any]
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
+    hp: Mapping[str, Any],
+    sqrt: Callable[[torch.Tensor], torch.Tensor] = torch.sqrt,
 ) -> None:
-    """torch.optim.Adadelta(foreach=False)'s update of one tensor, in place, op for op."""
+    """torch.optim.Adadelta(foreach=False)'s update of one tensor, in place, op for op, with the
+    square root ``sqrt`` (:func:`low_precision_sqrt`)."""
     lr, rho, eps, weight_decay = as_scalar(hp["lr"]), hp["rho"], hp["eps"], hp["weight_decay"]
     grad = -grad if hp["maximize"] else grad
     if weight_decay != 0:
         grad = grad.add(param, alpha=weight_decay)
     square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
-    std = square_avg.add(eps).sqrt_()
-    delta = acc_delta.add(eps).sqrt_()
+    std = sqrt(square_avg.add(eps))
+    delta = sqrt(acc_delta.add(eps))
     delta.div_(std).mul_(grad)
     acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
     param.add_(delta, alpha=-lr)
@@ -134,6 +159,7 @@ def adadelta_composite(
 ) -> None:
     """Adadelta from torch ops over one run; low precision through fp32 chunks."""
     start_and_count(state, run, zeros=(state["square_avg"], state["acc_delta"]))
+    sqrt = low_precision_sqrt(params.dtype)
     in_fp32_chunks(
-        lambda p, g, v, u: adadelta_update(p, g, v, u, hp), params, grads, state["square_avg"], state["acc_delta"]
+        lambda p, g, v, u: adadelta_update(p, g, v, u, hp, sqrt), params, grads, state["square_avg"], state["acc_delta"]
     )

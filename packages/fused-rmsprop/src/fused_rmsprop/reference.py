@@ -49,11 +49,14 @@ def rmsprop_tf_update(
     decoupled_decay: bool,
     lr_in_momentum: bool,
     maximize: bool,
+    sqrt: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """One RMSpropTF step of one tensor, in place (``grad`` is only read). ``grad_avg`` is None
     unless centered, ``momentum_buffer`` None unless ``momentum > 0``; ``lr`` a number or a
-    one-element tensor."""
+    one-element tensor; ``sqrt`` the square root (None: ``torch.sqrt``; the fused optimizer's fp16/bf16
+    updates pass :func:`fused_rmsprop.kernels.low_precision_sqrt`'s)."""
     lr = as_scalar(lr)
+    sqrt = torch.sqrt if sqrt is None else sqrt
     grad = -grad if maximize else grad
     if weight_decay != 0:
         if decoupled_decay:
@@ -63,9 +66,9 @@ def rmsprop_tf_update(
     square_avg.add_(grad.pow(2).sub_(square_avg), alpha=1 - alpha)
     if grad_avg is not None:
         grad_avg.add_(grad.sub(grad_avg), alpha=1 - alpha)
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).add_(eps).sqrt_()
+        avg = sqrt(square_avg.addcmul(grad_avg, grad_avg, value=-1).add_(eps))
     else:
-        avg = square_avg.add(eps).sqrt_()
+        avg = sqrt(square_avg.add(eps))
     if momentum_buffer is None:
         param.addcdiv_(grad, avg, value=-lr)
     elif lr_in_momentum:

@@ -49,8 +49,9 @@
  * Slots whose state is not initialised (initialized[i] == 0) start from the optimizers' initial state:
  * zeros, RMSpropTF's square_avg ones (written piece by piece just before the update reads them back
  * from cache, never read before); they are then marked initialized[i] = 2 and counted in the return
- * value (-1: out of memory). fp16/bf16 use the fp32 arithmetic above and round p and the state once per
- * step. The step counts are the caller's (none of these updates reads them).
+ * value (-1: out of memory). fp16/bf16 use the fp32 arithmetic above, with the correctly rounded
+ * sqrtf() for SQRT (fused_rmsprop.kernels.low_precision_sqrt), and round p and the state once per step.
+ * The step counts are the caller's (none of these updates reads them).
  *
  * Slot i occupies param[offsets[i] : offsets[i] + numels[i]] (and the same range of each state buffer);
  * its gradient is the dense array at grad_ptrs[i]; slots with has_grad[i] == 0 are skipped. The elements
@@ -75,6 +76,14 @@
 
 /* 1 where the kernels take MKL's square roots (torch built with MKL), 0 where sqrt()'s. */
 int rmsprop_sqrt_is_mkl(void) { return fused_sqrt_is_mkl(); }
+
+/* r[i] = sqrtf(x[i]), correctly rounded (the processor's instruction), and the positive quiet NaN for a
+ * negative x[i] (where x86's instruction gives a negative one, MKL a positive one): the square root of
+ * fp16/bf16's fp32 arithmetic (fused_rmsprop.kernels.low_precision_sqrt); a loop of its own
+ * vectorises (-fno-math-errno). */
+static void sqrt_block_ieee_f32(const float *restrict x, float *restrict r, int64_t n) {
+    for (int64_t i = 0; i < n; i++) r[i] = x[i] < 0.0f ? NAN : sqrtf(x[i]);
+}
 
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
@@ -322,5 +331,5 @@ struct staged {
 
 DEFINE_UPDATES(f32, float, float, fmaf, same_f32, same_f32, fused_sqrt_block_f32)
 DEFINE_UPDATES(f64, double, double, fma, same_f64, same_f64, fused_sqrt_block_f64)
-DEFINE_UPDATES(bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16, fused_sqrt_block_f32)
-DEFINE_UPDATES(fp16, uint16_t, float, fmaf, fused_load_fp16, fused_store_fp16, fused_sqrt_block_f32)
+DEFINE_UPDATES(bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16, sqrt_block_ieee_f32)
+DEFINE_UPDATES(fp16, uint16_t, float, fmaf, fused_load_fp16, fused_store_fp16, sqrt_block_ieee_f32)
