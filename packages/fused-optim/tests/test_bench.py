@@ -4,6 +4,7 @@ and the gradient hand-over of each mode, object by object."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -517,3 +518,34 @@ def test_the_result_check_against_float64(dtype: torch.dtype) -> None:
     assert wrong == {"skips"}, check
     assert check["competitors"]["skips"]["moved_fraction"] < 0.7 < check["competitors"]["fused"]["moved_fraction"]
     assert all(p.grad is None for p in base)  # the run's own parameters are not touched
+
+
+class _Overflows(torch.optim.SGD):
+    """torch.optim.SGD whose parameters end at infinity, as AdamW's fp16 for-loop's do (eps rounds to 0)."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def,override]
+        super().step()
+        with torch.no_grad():
+            for param in self.param_groups[0]["params"]:
+                param.fill_(math.inf)
+
+
+def test_the_result_check_takes_the_smallest_finite_error_where_the_for_loop_has_none() -> None:
+    """A for-loop whose parameters overflow is itself wrong; the others are judged against the
+    smallest finite error."""
+    from fused_optim.bench_check import check_results
+    from fused_sgd import FusedSGD
+
+    hyper = {"lr": 0.01, "momentum": 0.9}
+    base = shapes.make_params(shapes.SHAPE_SETS["resnet50"](), dtype=torch.float16, seed=3)
+    grads = shapes.make_grads(base, seed=4)
+    makers = {
+        "fused": lambda params: FusedSGD(params, **hyper),
+        "torch_forloop": lambda params: _Overflows(params, **hyper, foreach=False),
+        "torch_foreach": lambda params: torch.optim.SGD(params, **hyper, foreach=True),
+    }
+    exact = lambda params: torch.optim.SGD(params, **hyper)  # noqa: E731
+    check = check_results(list(makers), lambda key, params: makers[key](params), exact, base, grads)
+    assert check["baseline"] == "smallest finite error"
+    assert {key for key, entry in check["competitors"].items() if entry["wrong"]} == {"torch_forloop"}
+    assert math.isfinite(check["baseline_mean_abs_error"]) and check["baseline_mean_abs_error"] > 0

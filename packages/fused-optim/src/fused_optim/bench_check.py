@@ -14,6 +14,7 @@ as giving wrong results, with the share of the elements it moved at all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,8 +75,9 @@ def check_results(
     compared class's for-loop over float64 parameters; ``params`` and ``grads`` are the run's
     initial parameters and its gradients (copied here, never modified). Returns per key
     ``mean_abs_error``, ``moved_fraction`` (elements no longer equal to their initial value) and
-    ``wrong``, with the for-loop's error as the baseline; without a for-loop competitor the
-    baseline is the smallest error of any competitor."""
+    ``wrong``, with the for-loop's error as the baseline; where the for-loop has none or its error
+    is not finite (AdamW's fp16 for-loop: ``eps=1e-8`` rounds to 0, and its parameters to inf), the
+    smallest finite error of any competitor. A competitor whose error is not finite is wrong."""
     chosen = first_tensors(params)
     initial, grads = [params[index] for index in chosen], [grads[index] for index in chosen]
     numel = sum(p.numel() for p in initial)
@@ -89,18 +91,17 @@ def check_results(
         error = sum(float((m.double() - e).abs().sum()) for m, e in zip(mine, exact)) / max(numel, 1)
         moved = sum(int((m != p).sum()) for m, p in zip(mine, initial)) / max(numel, 1)
         checked[key] = {"mean_abs_error": error, "moved_fraction": moved}
-    baseline = (
-        checked[forloop]["mean_abs_error"]
-        if forloop in checked
-        else min(entry["mean_abs_error"] for entry in checked.values())
-    )
+    errors = [entry["mean_abs_error"] for entry in checked.values() if math.isfinite(entry["mean_abs_error"])]
+    own = checked[forloop]["mean_abs_error"] if forloop in checked else math.inf
+    baseline = own if math.isfinite(own) else min(errors, default=math.inf)
     for entry in checked.values():
-        entry["wrong"] = entry["mean_abs_error"] > WRONG_FACTOR * baseline + ABS_SLACK
+        error = entry["mean_abs_error"]
+        entry["wrong"] = not math.isfinite(error) or error > WRONG_FACTOR * baseline + ABS_SLACK
     return {
         "steps": STEPS,
         "tensors": len(chosen),
         "numel": numel,
-        "baseline": forloop if forloop in checked else "smallest error",
+        "baseline": forloop if math.isfinite(own) else "smallest finite error",
         "baseline_mean_abs_error": baseline,
         "wrong_factor": WRONG_FACTOR,
         "competitors": checked,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,12 +239,18 @@ def _notes(result: dict[str, Any]) -> list[str]:
         check = run.get("result_check")
         for key in sorted(_wrong(run)):
             entry, baseline = check["competitors"][key], check["baseline_mean_abs_error"]
+            error = entry["mean_abs_error"]
+            whose = "the for-loop's" if check["baseline"] == "torch_forloop" else "the smallest finite one"
+            against = (
+                f"{error / baseline:.0f}x {whose} ({baseline:.3g})"
+                if math.isfinite(error) and baseline
+                else f"not finite ({whose}: {baseline:.3g})"
+            )
             lines.append(
                 f"note: {where}: {key} gives {WRONG}: after {check['steps']} steps over {check['numel']:,} "
-                f"elements its mean error against float64 is {entry['mean_abs_error']:.3g}, "
-                f"{entry['mean_abs_error'] / baseline if baseline else float('inf'):.0f}x the for-loop's "
-                f"({baseline:.3g}), and it moved {100 * entry['moved_fraction']:.0f}% of the elements; its times "
-                f"are not those of the work, and the cycle summary compares with {_fused(result)}'s next rival"
+                f"elements its mean error against float64 is {error:.3g}: {against}; it moved "
+                f"{100 * entry['moved_fraction']:.0f}% of the elements; its times are not those of the work, and "
+                f"the cycle summary compares with {_fused(result)}'s next rival"
             )
         stale = run["modes"].get("bound", {}).get("stale_fused_steps", {})
         for phase, count in stale.items():
