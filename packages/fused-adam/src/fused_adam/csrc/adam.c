@@ -323,21 +323,13 @@ DEFINE_UPDATE(update_f64, double, double, uint64_t, fma, flip_f64, pick_f64, fus
 DEFINE_STAGED(staged_f32, float, float, uint32_t, update_f32_state, fused_sqrt_block_f32, same_f32)
 DEFINE_STAGED(staged_f64, double, double, uint64_t, update_f64_state, fused_sqrt_block_f64, same_f64)
 
-#define ADAM_HEAD_PARAMS(T)                                                                               \
-    T *restrict param, const T *restrict grad, T *restrict exp_avg, T *restrict exp_avg_sq,               \
-        T *restrict max_exp_avg_sq, int64_t n, const float *restrict k, const uint32_t sign,              \
-        const uint32_t lerp_base_is_m, const float bc2_sqrt, const float eps, const float neg_step_size,   \
-        const int wd_mode, const int amsgrad
-
-/* The leading elements DEFINE_DIRECT's loop leaves to a type's own loop, and how many: none for
- * fp32; for bf16, the pairs of fused_half.h (all but an odd last element). */
-FUSED_INLINE int64_t no_head_f32(ADAM_HEAD_PARAMS(float)) {
-    (void)param, (void)grad, (void)exp_avg, (void)exp_avg_sq, (void)max_exp_avg_sq, (void)n, (void)k;
-    (void)sign, (void)lerp_base_is_m, (void)bc2_sqrt, (void)eps, (void)neg_step_size, (void)wd_mode, (void)amsgrad;
-    return 0;
-}
-
-FUSED_INLINE int64_t bf16_pairs(ADAM_HEAD_PARAMS(uint16_t)) {
+/* The leading elements DEFINE_DIRECT's loop leaves to bf16's own loop, and how many: the pairs of
+ * fused_half.h (all but an odd last element); fp32 takes FUSED_NO_PAIRS. */
+FUSED_INLINE int64_t bf16_pairs(uint16_t *restrict param, const uint16_t *restrict grad, uint16_t *restrict exp_avg,
+                                uint16_t *restrict exp_avg_sq, uint16_t *restrict max_exp_avg_sq, int64_t n,
+                                const float *restrict k, const uint32_t sign, const uint32_t lerp_base_is_m,
+                                const float bc2_sqrt, const float eps, const float neg_step_size, const int wd_mode,
+                                const int amsgrad) {
     const float coef = k[0], c2 = k[1], beta2 = k[2], wd = k[3], decay = k[4];
     fused_bf16_pair *restrict pw = (fused_bf16_pair *)param, *restrict mw = (fused_bf16_pair *)exp_avg;
     fused_bf16_pair *restrict vw = (fused_bf16_pair *)exp_avg_sq, *restrict xw = (fused_bf16_pair *)max_exp_avg_sq;
@@ -366,7 +358,7 @@ FUSED_INLINE int64_t bf16_pairs(ADAM_HEAD_PARAMS(uint16_t)) {
 DEFINE_DIRECT(update_bf16, uint16_t, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, fused_load_bf16,
               fused_store_bf16, bf16_pairs)
 DEFINE_DIRECT(update_f32_ieee, float, float, uint32_t, fmaf, flip_f32, pick_f32, sqrtf, same_f32, same_f32,
-              no_head_f32)
+              FUSED_NO_PAIRS)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
 static void update_fp16(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,

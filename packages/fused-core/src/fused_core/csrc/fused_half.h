@@ -54,6 +54,9 @@ FUSED_INLINE uint16_t fused_store_bf16(float f) { return (uint16_t)(fused_bf16_r
  * last element alone. The bits are fused_load_bf16's and fused_store_bf16's. */
 typedef uint32_t fused_bf16_pair __attribute__((aligned(2), may_alias));
 
+/* A kernel's HEAD for the types that have no pairs: it takes no leading elements. */
+#define FUSED_NO_PAIRS(...) 0
+
 FUSED_INLINE float fused_pair_low(uint32_t w) { return fused_bits_to_f32(w << 16); }
 FUSED_INLINE float fused_pair_high(uint32_t w) { return fused_bits_to_f32(w & 0xffff0000u); }
 FUSED_INLINE uint32_t fused_pair_of(float low, float high) {

@@ -59,18 +59,8 @@ struct lion_hyper { double neg_lr, decay, beta1, beta2; int has_decay, maximize;
         const int maximize
 #define LION_FLAGS neg_lr, decay, beta1, c1, beta2, c2, has_decay, maximize
 
-/* The leading elements a type takes its own way, and how many: none for fp32/fp64; for bf16, the
- * pairs of fused_half.h (all but an odd last element). */
-#define NO_HEAD(T, C)                                                                                      \
-    FUSED_INLINE int64_t no_head_##T(T *restrict param, const T *restrict grad, T *restrict exp_avg,      \
-                                     int64_t n, LION_FLAG_PARAMS(C)) {                                     \
-        (void)param, (void)grad, (void)exp_avg, (void)n, (void)neg_lr, (void)decay, (void)beta1, (void)c1; \
-        (void)beta2, (void)c2, (void)has_decay, (void)maximize;                                            \
-        return 0;                                                                                          \
-    }
-NO_HEAD(float, float)
-NO_HEAD(double, double)
-
+/* The leading elements bf16 takes its own way, and how many: the pairs of fused_half.h (all but an
+ * odd last element); fp32/fp64 take FUSED_NO_PAIRS. */
 FUSED_INLINE int64_t bf16_pairs(uint16_t *param, const uint16_t *grad, uint16_t *exp_avg, int64_t n,
                                 LION_FLAG_PARAMS(float)) {
     fused_bf16_pair *restrict pw = (fused_bf16_pair *)param, *restrict mw = (fused_bf16_pair *)exp_avg;
@@ -115,8 +105,8 @@ FUSED_INLINE int64_t bf16_pairs(uint16_t *param, const uint16_t *grad, uint16_t 
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
 
-DEFINE_UPDATE(update_f32, float, float, fmaf, same_f32, same_f32, no_head_float)
-DEFINE_UPDATE(update_f64, double, double, fma, same_f64, same_f64, no_head_double)
+DEFINE_UPDATE(update_f32, float, float, fmaf, same_f32, same_f32, FUSED_NO_PAIRS)
+DEFINE_UPDATE(update_f64, double, double, fma, same_f64, same_f64, FUSED_NO_PAIRS)
 DEFINE_UPDATE(update_bf16, uint16_t, float, fmaf, fused_load_bf16, fused_store_bf16, bf16_pairs)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */

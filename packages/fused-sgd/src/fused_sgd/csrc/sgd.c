@@ -62,18 +62,8 @@ DEFINE_ELEMENT(sgd_element_f64, double, fma)
     const C lr, const C wd, const C mom, const C damp1, const int maximize, const int has_wd,             \
         const enum momentum_mode mode, const int nesterov
 
-/* The leading elements a type takes its own way, and how many: none for fp32/fp64; for bf16, the
- * pairs of fused_half.h (all but an odd last element). */
-#define NO_HEAD(T, C)                                                                                     \
-    FUSED_INLINE int64_t no_head_##T(T *restrict param, const T *restrict grad, T *restrict buf, int64_t n, \
-                                     SGD_FLAG_PARAMS(C)) {                                                \
-        (void)param, (void)grad, (void)buf, (void)n, (void)lr, (void)wd, (void)mom, (void)damp1;          \
-        (void)maximize, (void)has_wd, (void)mode, (void)nesterov;                                         \
-        return 0;                                                                                         \
-    }
-NO_HEAD(float, float)
-NO_HEAD(double, double)
-
+/* The leading elements bf16 takes its own way, and how many: the pairs of fused_half.h (all but an
+ * odd last element); fp32/fp64 take FUSED_NO_PAIRS. */
 FUSED_INLINE int64_t bf16_pairs(uint16_t *param, const uint16_t *grad, uint16_t *buf, int64_t n,
                                 SGD_FLAG_PARAMS(float)) {
     fused_bf16_pair *restrict pw = (fused_bf16_pair *)param, *restrict bw = (fused_bf16_pair *)buf;
@@ -125,8 +115,8 @@ FUSED_INLINE int64_t bf16_pairs(uint16_t *param, const uint16_t *grad, uint16_t 
 FUSED_INLINE float same_f32(float x) { return x; }
 FUSED_INLINE double same_f64(double x) { return x; }
 
-DEFINE_UPDATE(update_f32, float, float, sgd_element_f32, no_head_float, same_f32, same_f32)
-DEFINE_UPDATE(update_f64, double, double, sgd_element_f64, no_head_double, same_f64, same_f64)
+DEFINE_UPDATE(update_f32, float, float, sgd_element_f32, FUSED_NO_PAIRS, same_f32, same_f32)
+DEFINE_UPDATE(update_f64, double, double, sgd_element_f64, FUSED_NO_PAIRS, same_f64, same_f64)
 DEFINE_UPDATE(update_bf16, uint16_t, float, sgd_element_f32, bf16_pairs, fused_load_bf16, fused_store_bf16)
 
 /* fp16: blocks converted to fp32 arrays on the stack (F16C where targeted), updated, stored back. */
