@@ -52,7 +52,7 @@ def first_tensors(params: Sequence[torch.Tensor]) -> list[int]:
 def _run(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
     for _ in range(STEPS):
         for param, grad in zip(params, grads):
-            param.grad = grad.to(param.dtype).clone()
+            param.grad = grad.to(param.dtype, copy=True)
         optimizer.step()
 
 

@@ -186,12 +186,13 @@ def _cycle_table(result: dict[str, Any]) -> list[str]:
     reference, name = _reference(result), _fused(result)
     rows = []
     for run in result["runs"]:
+        wrong = _wrong(run)
         for mode, measured in _modes(run):
             ops = measured["ops"]
             for key, step in ops["step"]["competitors"].items():
                 entries = {op: ops[op]["competitors"][key] for op in ("zero_grad", "step", "cycle")}
                 rows.append(
-                    [run["set"], run["dtype"], mode, _competitor_name(step, rounds, key in _wrong(run))]
+                    [run["set"], run["dtype"], mode, _competitor_name(step, rounds, key in wrong)]
                     + [duration(entries[op]["median_s"]) for op in entries]
                     + [_number(_ratio(entries[op], key, reference), ".2f", "x") for op in entries]
                     + [_number(entries[op]["x_of_floor"], ".1f", "x") for op in ("step", "cycle")]
